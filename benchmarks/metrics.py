@@ -1,0 +1,133 @@
+"""Per-step training metrics: the one owner of ``metrics.jsonl``.
+
+Both backends write the same record per optimizer step through :class:`StepTimer` (the NeMo backend
+from a Lightning callback, the HF backend from a TrainerCallback), so runs can be compared line by
+line by the benchmark and the report. Fields (units in the name):
+
+    step          optimizer step, 1-based
+    loss          training loss of the step (mean over its tokens)
+    lr            learning rate used in the step
+    step_time_s   wall time from the end of the previous step to the end of this one (the first step:
+                  from its start), so data loading and logging count, as a user sees throughput;
+                  on CUDA the device is synchronised before the clock is read
+    tokens        real (unpadded) tokens in the step's micro-batches, prompt + completion
+    tokens_padded tokens including padding (what the GPU actually processed)
+    loss_tokens   tokens that carry loss (completion + EOS)
+    samples       sequences in the step
+    time_s        seconds since the run started (for aligning with the resource sampler)
+    backend       "nemo" or "hf"
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: Optional[float]
+    lr: Optional[float]
+    step_time_s: float
+    tokens: int
+    tokens_padded: int
+    loss_tokens: int
+    samples: int
+    time_s: float
+    backend: str
+
+
+def _sync() -> None:
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    except ImportError:  # pragma: no cover - torch is always installed here
+        pass
+
+
+class StepTimer:
+    """Times optimizer steps and appends one :class:`StepRecord` per step to ``metrics.jsonl``.
+
+    Usage: ``begin()`` before a step, ``add_batch(...)`` for each micro-batch, ``end(step, loss, lr)``
+    after the optimizer step. The file is line-buffered and flushed every step, so a killed run
+    keeps every finished step.
+    """
+
+    def __init__(self, output_dir: str | Path, backend: str, append: bool = False):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self._f = open(self.path, "a" if append else "w", encoding="utf-8", buffering=1)
+        self._t_run = time.perf_counter()
+        self._t_prev: Optional[float] = None  # clock at the end of the previous step
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self.tokens = self.tokens_padded = self.loss_tokens = self.samples = 0
+
+    def begin(self) -> None:
+        """Mark the start of the first step (later steps are timed from the previous end)."""
+        if self._t_prev is None:
+            _sync()
+            self._t_prev = time.perf_counter()
+
+    def add_batch(self, *, tokens: int, tokens_padded: int, loss_tokens: int, samples: int) -> None:
+        self.tokens += int(tokens)
+        self.tokens_padded += int(tokens_padded)
+        self.loss_tokens += int(loss_tokens)
+        self.samples += int(samples)
+
+    def end(self, step: int, loss: Optional[float], lr: Optional[float]) -> StepRecord:
+        _sync()
+        now = time.perf_counter()
+        rec = StepRecord(step=int(step), loss=None if loss is None else float(loss),
+                         lr=None if lr is None else float(lr),
+                         step_time_s=now - (self._t_prev if self._t_prev is not None else now),
+                         tokens=self.tokens, tokens_padded=self.tokens_padded, loss_tokens=self.loss_tokens,
+                         samples=self.samples, time_s=now - self._t_run, backend=self.backend)
+        self.write(rec)
+        self._t_prev = now
+        self._reset_counts()
+        return rec
+
+    def write(self, rec: StepRecord) -> None:
+        self._f.write(json.dumps(asdict(rec)) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def batch_token_counts(input_ids, labels, pad_mask) -> dict[str, int]:
+    """Counts for one micro-batch. ``pad_mask`` is 1 for real tokens (an attention/loss mask)."""
+    return {"tokens": int(pad_mask.sum()), "tokens_padded": int(input_ids.numel()),
+            "loss_tokens": int((labels != -100).sum()), "samples": int(input_ids.shape[0])}
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl (or of the metrics.jsonl inside a run directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i}: not JSON ({e.msg})") from None
+    return out
+
+
+def losses(records: Iterable[dict]) -> list[float]:
+    return [r["loss"] for r in records if r.get("loss") is not None]

@@ -1,0 +1,219 @@
+"""Hugging Face baseline: ExperimentConfig -> TRL SFTTrainer (+ peft LoRA), same data and
+hyperparameters as the NeMo backend.
+
+What it does, in order (``HFRecipe.setup/train/cleanup``):
+- loads the model (fp32 weights) and tokenizer from ``cfg.model.hf_path``; pad must differ from EOS
+  (pad == eos masks the real end token, and a fine-tune that never learned to stop never stops);
+- tokenises the prepared NeMo-format ``training.jsonl``/``validation.jsonl`` with
+  :func:`recipes.tokens.tokenize_pair`, i.e. exactly the token ids NeMo's GPTSFTDataset builds:
+  prompt (chat template already rendered) + completion + EOS, loss on the completion only;
+- LoRA through ``peft.LoraConfig`` with the NeMo target names mapped to HF projections;
+- TRL ``SFTTrainer`` with every optimiser/schedule/precision knob set explicitly from the config
+  (TRL/transformers defaults are never relied on: bf16 and gradient checkpointing stay off unless
+  the config asks, also on CPU);
+- one ``metrics.jsonl`` record per optimizer step (benchmarks.metrics), ``resolved_config.yaml``,
+  and the adapter (``adapter/``) or full model (``model/``) in HF format.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from recipes.config import ExperimentConfig
+from recipes.tokens import IGNORE_INDEX, tokenize_pair
+
+# NeMo LoRA target -> HF Llama/Qwen2 module names (see recipes/config.py LoraConfig).
+HF_LORA_TARGETS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+# config scheduler -> transformers lr_scheduler_type
+HF_SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def hf_lora_targets(targets) -> list[str]:
+    return [m for t in targets for m in HF_LORA_TARGETS[t]]
+
+
+def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: bool) -> dict:
+    """The SFTConfig keyword arguments for this experiment (tests compare them with NeMo's)."""
+    o, t = cfg.optim, cfg.train
+    sched_kwargs = {"min_lr": o.min_lr} if o.scheduler == "cosine" else {}
+    if o.scheduler != "cosine" and o.min_lr > 0:
+        raise ValueError(f"optim.min_lr={o.min_lr} is only supported with optim.scheduler=cosine")
+    return dict(
+        output_dir=str(Path(output_dir) / "trainer"),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accumulation_steps,
+        learning_rate=o.lr,
+        lr_scheduler_type=HF_SCHEDULERS[o.scheduler],
+        lr_scheduler_kwargs=sched_kwargs,
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_epsilon=o.adam_eps,
+        max_grad_norm=o.clip_grad if o.clip_grad > 0 else None,
+        optim="adamw_torch",
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.precision == "bf16-mixed",
+        fp16=t.precision == "fp16-mixed",
+        gradient_checkpointing=t.activation_checkpointing,
+        max_seq_length=t.seq_length,
+        logging_steps=t.log_every_n_steps,
+        eval_strategy="steps" if t.val_check_interval else "no",
+        eval_steps=t.val_check_interval or None,
+        save_strategy="no",  # the final adapter/model is saved explicitly below
+        report_to="none",
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,  # like NeMo's sampler: every step sees a full global batch
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        disable_tqdm=False,
+    )
+
+
+def load_split(path: Path, tokenizer, seq_length: int) -> list[dict]:
+    """Token ids/labels of a prepared NeMo-format JSONL split."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                tp = tokenize_pair(tokenizer, rec["input"], rec["output"], seq_length)
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{i}: not a prepared record ({e})") from None
+            rows.append({"input_ids": tp.input_ids, "labels": tp.labels})
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+class PadCollator:
+    """Right-pads input_ids with the pad id, labels with IGNORE_INDEX; attention mask marks real tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        import torch
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _metrics_callback(timer):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Writes one metrics.jsonl record per optimizer step (loss arrives with on_log)."""
+
+        lr = None
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            timer.begin()
+            if optimizer is not None:
+                self.lr = optimizer.param_groups[0]["lr"]
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                timer.end(state.global_step, logs["loss"], self.lr)
+
+    return MetricsCallback()
+
+
+class HFRecipe:
+    """LoRA or full SFT of an HF causal LM with TRL, from an ExperimentConfig."""
+
+    def __init__(self, cfg: ExperimentConfig, output_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir or cfg.output_dir)
+
+    def setup(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        from benchmarks.metrics import StepTimer, batch_token_counts
+
+        cfg = self.cfg
+        cuda = torch.cuda.is_available()
+        if not cuda and cfg.train.precision != "fp32":
+            raise ValueError(f"train.precision={cfg.train.precision} needs a GPU; use train.precision=fp32 on CPU")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise ValueError(f"{cfg.model.hf_path}: tokenizer pad token must exist and differ from eos "
+                             f"(pad={tok.pad_token!r}, eos={tok.eos_token!r})")
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, torch_dtype=torch.float32)
+
+        data_dir = Path(cfg.data.dataset_dir)
+        train_rows = load_split(data_dir / "training.jsonl", tok, cfg.train.seq_length)
+        val_path = data_dir / "validation.jsonl"
+        val_rows = load_split(val_path, tok, cfg.train.seq_length) if cfg.train.val_check_interval else None
+
+        peft_config = None
+        if cfg.method == "lora":
+            from peft import LoraConfig
+            peft_config = LoraConfig(r=cfg.lora.dim, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=hf_lora_targets(cfg.lora.target_modules),
+                                     bias="none", task_type="CAUSAL_LM")
+
+        self.timer = timer = StepTimer(self.output_dir, backend="hf")
+
+        class CountingSFTTrainer(SFTTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                timer.add_batch(**batch_token_counts(inputs["input_ids"], inputs["labels"], inputs["attention_mask"]))
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        self.args = SFTConfig(**training_arguments(cfg, self.output_dir, use_cpu=not cuda))
+        self.trainer = CountingSFTTrainer(
+            model=model, args=self.args, train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
+            processing_class=tok, data_collator=PadCollator(tok.pad_token_id), peft_config=peft_config,
+            callbacks=[_metrics_callback(timer)])
+
+    def train(self) -> Path:
+        self.trainer.train()
+        if self.cfg.method == "lora":
+            out = self.output_dir / "adapter"
+            self.trainer.model.save_pretrained(out)
+        else:
+            out = self.output_dir / "model"
+            self.trainer.save_model(str(out))
+            (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    def cleanup(self) -> None:
+        self.timer.close()
+
+
+def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
+    recipe = HFRecipe(cfg, output_dir)
+    recipe.setup()
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,40 @@
+"""The one place that decides how a draft comment is shown to the model.
+
+Data preparation, both training backends, generation, evaluation against served endpoints and the
+review app all build their chat messages here, so a model is always asked the way it was trained.
+Bump PROMPT_VERSION whenever the wording or layout changes: saved reviews record it.
+"""
+from __future__ import annotations
+
+PROMPT_VERSION = "v1"
+
+# Short on purpose: with SmolLM2's English-centric tokenizer a Japanese character costs ~1.8 tokens,
+# and every token of the system prompt is paid in every training step and every request.
+SYSTEM_PROMPT = "下書きを当社ハウススタイルの最終稿に書き直してください。数値と事実は変えません。"
+
+
+def user_message(draft: str, section: str, date: str, fund: str | None = None) -> str:
+    """The user turn: metadata lines, then the draft."""
+    head = [f"対象月: {date}", f"セクション: {section}"]
+    if fund:
+        head.insert(0, f"ファンド: {fund}")
+    return "\n".join(head) + "\n\n下書き:\n" + draft
+
+
+def build_messages(draft: str, section: str, date: str, fund: str | None = None,
+                   final: str | None = None) -> list[dict[str, str]]:
+    """OpenAI-style chat messages; with ``final`` the assistant turn is included (training)."""
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user_message(draft, section, date, fund)}]
+    if final is not None:
+        msgs.append({"role": "assistant", "content": final})
+    return msgs
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The prompt text up to and including the assistant header, rendered with the model's own
+    chat template (tokenizer_config.json). The completion follows it directly, without a space."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
+    msgs = [m for m in messages if m["role"] != "assistant"]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,37 @@
+"""Tokenisation of one prompt->completion pair, shared by the HF backend and data statistics.
+
+It mirrors what NeMo 2.1's GPTSFTDataset does with a FineTuningDataModule record
+{"input": prompt, "output": completion} and prompt_template "{input}{output}": the prompt and the
+completion are tokenised separately without special tokens, EOS is appended, the loss is on the
+completion (and EOS) only, and an over-long example is cut from the end of the prompt ("input"
+field, truncation_method "right") so that the answer survives. Both backends therefore see the same
+token ids for the same record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy ignores
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_tokens: int  # after truncation
+    completion_tokens: int  # including EOS
+    truncated: bool
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str, seq_length: int) -> TokenizedPair:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token")
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(p) + len(c) > seq_length
+    if truncated:
+        keep = max(seq_length - len(c), 0)
+        p = p[:keep]
+        c = c[: seq_length - len(p)]
+    return TokenizedPair(input_ids=p + c, labels=[IGNORE_INDEX] * len(p) + c,
+                         prompt_tokens=len(p), completion_tokens=len(c), truncated=truncated)

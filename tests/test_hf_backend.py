@@ -1,0 +1,99 @@
+"""HF baseline on a tiny random Llama: real TRL/peft runs on CPU, loss falls, outputs are HF format."""
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.metrics import read_metrics
+from recipes.config import load_config
+from recipes.finetune import main as finetune_main
+from recipes.hf_backend import PadCollator, hf_lora_targets, load_split, training_arguments
+from recipes.tokens import IGNORE_INDEX, tokenize_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(tiny_model_dir, tmp_path_factory):
+    from recipes.data import prepare
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(ROOT / "datasets/demo_pairs.jsonl", out, tiny_model_dir, seq_length=384)
+    return out
+
+
+def _overrides(model_dir, data_dir, out, *extra):
+    return [f"model.hf_path={model_dir}", f"data.dataset_dir={data_dir}", f"output_dir={out}", *extra]
+
+
+def _first_last(losses, k=3):
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+@pytest.mark.parametrize("config", ["tiny_lora", "tiny_sft"])
+def test_tiny_run_loss_falls_and_writes_outputs(config, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / config
+    rc = finetune_main(["--config", str(ROOT / f"nemo_configs/{config}.yaml"), "--backend", "hf",
+                        *_overrides(tiny_model_dir, tiny_data_dir, out, "train.max_steps=12")])
+    assert rc == 0
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    for r in recs:
+        assert r["backend"] == "hf" and r["step_time_s"] > 0
+        assert r["samples"] == 8                       # global batch: 2 micro-batches of 4
+        assert 0 < r["loss_tokens"] < r["tokens"] <= r["tokens_padded"]
+    first, last = _first_last([r["loss"] for r in recs])
+    assert last < first - 0.1, (first, last)  # a random model starts at ~ln(vocab)=6.9
+    assert recs[0]["lr"] < recs[2]["lr"]        # linear warmup over the first 2 steps
+    assert (out / "resolved_config.yaml").is_file()
+    if config == "tiny_lora":
+        cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
+        assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        assert (out / "adapter/adapter_model.safetensors").is_file()
+    else:
+        assert (out / "model/config.json").is_file() and (out / "model/model.safetensors").is_file()
+        assert (out / "model/tokenizer_config.json").is_file()
+
+
+def test_cpu_run_never_enables_bf16_or_checkpointing():
+    from trl import SFTConfig
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml")
+    args = SFTConfig(**training_arguments(cfg, "/tmp/x", use_cpu=True))
+    assert args.bf16 is False and args.fp16 is False and args.gradient_checkpointing is False
+    assert args.gradient_accumulation_steps == 2 and args.per_device_train_batch_size == 4
+    assert args.lr_scheduler_type.value == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr": cfg.optim.min_lr}
+
+
+def test_bf16_on_cpu_is_an_error(tiny_model_dir, tiny_data_dir, tmp_path):
+    from recipes.hf_backend import HFRecipe
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml",
+                      _overrides(tiny_model_dir, tiny_data_dir, tmp_path, "train.precision=bf16-mixed"))
+    with pytest.raises(ValueError, match="train.precision"):
+        HFRecipe(cfg).setup()
+
+
+def test_lora_target_mapping():
+    assert hf_lora_targets(["linear_qkv", "linear_fc1"]) == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+
+
+def test_loader_masks_prompt_and_appends_eos(tiny_model_dir, tiny_data_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = load_split(tiny_data_dir / "training.jsonl", tok, 256)
+    rec = json.loads((tiny_data_dir / "training.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    n_prompt = labels.count(IGNORE_INDEX)
+    assert tok.decode(ids[:n_prompt]) == rec["input"]
+    assert tok.decode(ids[n_prompt:-1]) == rec["output"]
+    batch = PadCollator(tok.pad_token_id)(rows[:3])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"].sum()) == sum(len(r["input_ids"]) for r in rows[:3])
+
+
+def test_truncation_keeps_the_answer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tp = tokenize_pair(tok, "長い前置き。" * 50, "最終稿です。", seq_length=32)
+    assert tp.truncated and len(tp.input_ids) == 32
+    assert tok.decode(tp.input_ids[tp.prompt_tokens:-1]) == "最終稿です。"
