@@ -76,7 +76,9 @@ class TrainConfig:
     val_check_interval: int = 0  # 0: validate only at the end
     limit_val_batches: int = 2
     checkpoint_every_n_steps: int = 0  # 0: only at the end
-    num_devices: int = 1
+    num_devices: int = 1  # GPUs per node (1 on CPU); the world size is num_devices * parallel.num_nodes
+    # NeMo only: pack several short sequences into one seq_length row (NeMo's packed SFT dataset).
+    packed_sequence: bool = False
     warmup_steps_excluded: int = 1  # steps left out of step-time statistics
 
 
@@ -99,6 +101,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    num_nodes: int = 1
+    # Shard optimizer states over data-parallel ranks (Megatron distributed optimizer); GPU only.
+    use_distributed_optimizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,14 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
+    def world_size(self) -> int:
+        return self.train.num_devices * self.parallel.num_nodes
+
+    @property
     def data_parallel_size(self) -> int:
         p = self.parallel
-        return max(1, self.train.num_devices // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                                                 * p.context_parallel_size))
+        return max(1, self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                          * p.context_parallel_size))
 
     @property
     def grad_accumulation_steps(self) -> int:
@@ -264,13 +273,14 @@ def _check(obj, prefix: str, where: str) -> None:
     elif isinstance(obj, DataConfig):
         _positive(obj, ["test_months", "val_months"], prefix, where)
     elif isinstance(obj, ParallelConfig):
-        _positive(obj, ["tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"],
-                  prefix, where)
+        _positive(obj, ["tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                        "num_nodes"], prefix, where)
     elif isinstance(obj, ExperimentConfig):
         t, p = obj.train, obj.parallel
         model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-        if t.num_devices % model_parallel:
-            raise ConfigError(f"{where}: train.num_devices={t.num_devices} is not divisible by TP*PP*CP={model_parallel}")
+        if obj.world_size % model_parallel:
+            raise ConfigError(f"{where}: world size {obj.world_size} (train.num_devices={t.num_devices} x "
+                              f"parallel.num_nodes={p.num_nodes}) is not divisible by TP*PP*CP={model_parallel}")
         per_step = t.micro_batch_size * obj.data_parallel_size
         if t.global_batch_size % per_step:
             raise ConfigError(f"{where}: train.global_batch_size={t.global_batch_size} is not divisible by "
