@@ -16,6 +16,12 @@ line by the benchmark and the report. Fields (units in the name):
     samples       sequences in the step
     time_s        seconds since the run started (for aligning with the resource sampler)
     backend       "nemo" or "hf"
+    mono_s        ``time.perf_counter()`` at the step end: CLOCK_MONOTONIC on Linux, the same clock in
+                  every process of a machine, so ``benchmarks.sampler`` samples (taken in another
+                  process) can be placed on the steps
+    cuda_max_allocated_bytes, cuda_max_reserved_bytes
+                  torch.cuda peak memory during the step (peak stats are reset after each step);
+                  null when CUDA is not in use
 """
 from __future__ import annotations
 
@@ -41,6 +47,23 @@ class StepRecord:
     samples: int
     time_s: float
     backend: str
+    mono_s: Optional[float] = None
+    cuda_max_allocated_bytes: Optional[int] = None
+    cuda_max_reserved_bytes: Optional[int] = None
+
+
+def _cuda_peak_memory() -> tuple[Optional[int], Optional[int]]:
+    """(max allocated, max reserved) bytes since the last call, on the current CUDA device; (None, None)
+    without CUDA. Resets the peak counters so each step reports its own peak."""
+    try:
+        import torch
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return None, None
+        alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        return int(alloc), int(reserved)
+    except ImportError:  # pragma: no cover - torch is always installed here
+        return None, None
 
 
 def _sync() -> None:
@@ -91,7 +114,8 @@ class StepTimer:
                          lr=None if lr is None else float(lr),
                          step_time_s=now - (self._t_prev if self._t_prev is not None else now),
                          tokens=self.tokens, tokens_padded=self.tokens_padded, loss_tokens=self.loss_tokens,
-                         samples=self.samples, time_s=now - self._t_run, backend=self.backend)
+                         samples=self.samples, time_s=now - self._t_run, backend=self.backend, mono_s=now)
+        rec.cuda_max_allocated_bytes, rec.cuda_max_reserved_bytes = _cuda_peak_memory()  # after the clock
         self.write(rec)
         self._t_prev = now
         self._reset_counts()

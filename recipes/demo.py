@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bleu import corpus_score
     from benchmarks.metrics import read_metrics
+    from benchmarks.report import report_demo_runs
     from recipes.config import load_config
     from recipes.finetune import ensure_inputs
     from recipes.generate import generate
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
 
     plot_losses(curves, out / "loss.png")
+    report_demo_runs(out)  # benchmark of the training runs -> out/benchmark/report.md (CPU)
     total = time.perf_counter() - t_all
     write_report(out, cfg, stats, results, curves, t.times, total)
     print(f"[demo] report: {out / 'report.md'} ({total:.0f}s)")
@@ -164,6 +166,8 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
             lines.append(f"| {b} | {len(recs)} | {ls[0]:.3f} | {ls[-1]:.3f} | {_median(st):.2f} |" if ls
                          else f"| {b} | 0 | | | |")
         lines.append("")
+    if (out / "benchmark" / "report.md").is_file():  # written by benchmarks.report.report_demo_runs
+        lines += ["## Training benchmark (CPU)", "", "Step time, throughput, CPU/RSS, FLOPs: [benchmark/report.md](benchmark/report.md)", ""]
     lines += ["## Examples (first 3 test rows)", ""]
     names = list(results)
     for i, base_row in enumerate(results[names[0]][1][:3]):
