@@ -36,6 +36,9 @@ class ModelConfig:
     # "tiny" (random Llama + local tokenizer, for tests) or "small" (SmolLM2-135M-Instruct from GGUF).
     preset: Optional[Literal["tiny", "small"]] = None
     family: Literal["llama", "qwen2"] = "llama"
+    # Shape key in recipes.memory.ARCHITECTURES (e.g. llama31_8b) for memory estimates and validation
+    # without the weights; default: config.json in hf_path, else the config name's prefix.
+    architecture: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_data_dir(tiny_model_dir, tmp_path_factory):
     from recipes.data import prepare
     out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(ROOT / "datasets/demo_pairs.jsonl", out, tiny_model_dir, seq_length=384)
+    prepare(ROOT / "datasets/demo_pairs.jsonl", out, tiny_model_dir, seq_length=256)
     return out
 
 
