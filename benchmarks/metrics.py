@@ -75,6 +75,17 @@ def _sync() -> None:
         pass
 
 
+def global_rank() -> int:
+    """This process's global rank: torch.distributed when initialised, else torchrun's RANK (0 alone)."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
 class StepTimer:
     """Times optimizer steps and appends one :class:`StepRecord` per step to ``metrics.jsonl``.
 
@@ -87,7 +98,9 @@ class StepTimer:
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.backend = backend
-        self._f = open(self.path, "a" if append else "w", encoding="utf-8", buffering=1)
+        # One writer per run: with several processes (torchrun, DDP) only global rank 0 writes; the
+        # others still time steps (their records are discarded). Counts are rank 0's micro-batches.
+        self._f = open(self.path, "a" if append else "w", encoding="utf-8", buffering=1) if global_rank() == 0 else None
         self._t_run = time.perf_counter()
         self._t_prev: Optional[float] = None  # clock at the end of the previous step
         self._reset_counts()
@@ -122,12 +135,14 @@ class StepTimer:
         return rec
 
     def write(self, rec: StepRecord) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps(asdict(rec)) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._f is not None and not self._f.closed:
             self._f.close()
 
 

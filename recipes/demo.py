@@ -55,6 +55,24 @@ def _run_backend(backend: str, config: str, out: Path, overrides: list[str]) -> 
     subprocess.run(cmd, check=True)
 
 
+def export_nemo_adapter(run_dir: Path, base_hf: str) -> tuple[Path, dict]:
+    """NeMo LoRA checkpoint -> HF PEFT adapter (convert.lora_to_peft), then convert.verify: the NeMo
+    model with its LoRA and the HF model with the exported adapter must give the same logits.
+    Verification runs in a subprocess (it initialises torch.distributed and the CPU shim)."""
+    import subprocess
+
+    from convert.lora_to_peft import convert
+    from recipes.nemo_backend import last_checkpoint
+    ckpt = last_checkpoint(run_dir)
+    adapter = convert(ckpt, run_dir / "hf_adapter", base_hf=base_hf, overwrite=True)
+    report_path = run_dir / "verify.json"
+    cmd = [sys.executable, "-m", "convert.verify", "--hf", str(base_hf), "--nemo", str(ckpt),
+           "--adapter", str(adapter), "--json", str(report_path)]
+    print("[demo] $", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return adapter, json.loads(report_path.read_text(encoding="utf-8"))
+
+
 def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="runs/demo", help="output directory (report.md goes here)")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config for the fine-tune")
-    ap.add_argument("--backends", default="hf", help="comma-separated: hf,nemo")
+    ap.add_argument("--backends", default="hf,nemo", help="comma-separated: hf,nemo")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on at most N test rows")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the fine-tune")
@@ -115,22 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         return res, rows
 
     results = {"base": evaluate("base", None)}
-    curves = {}
+    curves, verifications = {}, {}
     for b in backends:
         run_dir = out / "runs" / b
+        if run_dir.exists():  # the demo's own previous output: start fresh (NeMo would resume from it)
+            import shutil
+            shutil.rmtree(run_dir)
         with t(f"train {b}"):
             _run_backend(b, args.config, run_dir, args.overrides)
         curves[b] = read_metrics(run_dir)
-        adapter = run_dir / "adapter" if b == "hf" else run_dir / "hf_adapter"
-        if b == "nemo" and not adapter.exists():
-            print("[demo] NeMo adapter is not exported to HF PEFT yet; BLEU for nemo skipped", flush=True)
-            continue
+        if b == "hf":
+            adapter = run_dir / "adapter"
+        else:
+            with t("export nemo lora -> peft + verify"):
+                adapter, verifications[b] = export_nemo_adapter(run_dir, cfg.model.hf_path)
         results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
 
     plot_losses(curves, out / "loss.png")
     report_demo_runs(out)  # benchmark of the training runs -> out/benchmark/report.md (CPU)
     total = time.perf_counter() - t_all
-    write_report(out, cfg, stats, results, curves, t.times, total)
+    write_report(out, cfg, stats, results, curves, t.times, total, verifications)
     print(f"[demo] report: {out / 'report.md'} ({total:.0f}s)")
     return 0
 
@@ -140,7 +162,8 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times: dict, total: float) -> None:
+def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times: dict, total: float,
+                 verifications: dict | None = None) -> None:
     lines = [f"# CPU demo report: {cfg.name}", "",
              f"Model `{cfg.model.hf_path}` ({cfg.model.preset or 'HF dir'}), method **{cfg.method}**, "
              f"{cfg.train.max_steps} steps, global batch {cfg.train.global_batch_size}, seq {cfg.train.seq_length}, "
@@ -168,6 +191,12 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
         lines.append("")
     if (out / "benchmark" / "report.md").is_file():  # written by benchmarks.report.report_demo_runs
         lines += ["## Training benchmark (CPU)", "", "Step time, throughput, CPU/RSS, FLOPs: [benchmark/report.md](benchmark/report.md)", ""]
+    for b, v in (verifications or {}).items():
+        lines += [f"## Export check ({b})", "",
+                  f"NeMo LoRA checkpoint → HF PEFT adapter (`convert.lora_to_peft`), then `convert.verify`: the NeMo "
+                  f"model with its LoRA vs the HF model with the exported adapter on {v['prompts']} prompts, fp32: "
+                  f"max |Δlogits| **{v['max_abs_diff']:.2e}** (tolerance {v['atol']:g}), cosine ≥ {v['cosine_min']:.6f}, "
+                  f"argmax agreement {v['argmax_agree_min']:.0%} → **{'OK' if v['ok'] else 'FAILED'}**.", ""]
     lines += ["## Examples (first 3 test rows)", ""]
     names = list(results)
     for i, base_row in enumerate(results[names[0]][1][:3]):

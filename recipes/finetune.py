@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from recipes.config import ConfigError, ExperimentConfig, load_config
+from recipes.launch import add_executor_args, run_with_executor, targets_gpu
 
 
 def ensure_inputs(cfg: ExperimentConfig) -> None:
@@ -39,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="output directory (overrides output_dir)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config/recipe and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=5")
+    add_executor_args(ap)
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         cfg = load_config(args.config, args.overrides + ([f"output_dir={args.output}"] if args.output else []))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.backend == "hf" and args.executor:
+        ap.error("--executor is for --backend nemo")
+    if args.backend == "nemo" and (args.executor or (args.dry_run and targets_gpu(cfg))):
+        # NeMo-Run launch (torchrun locally or sbatch on Slurm), or the dry-run of a GPU config on any machine
+        return run_with_executor(args, cfg)
     if args.backend == "nemo":
         from recipes import nemo_backend
         if args.dry_run:

@@ -97,3 +97,19 @@ def test_truncation_keeps_the_answer(tiny_model_dir):
     tp = tokenize_pair(tok, "長い前置き。" * 50, "最終稿です。", seq_length=32)
     assert tp.truncated and len(tp.input_ids) == 32
     assert tok.decode(tp.input_ids[tp.prompt_tokens:-1]) == "最終稿です。"
+
+
+def test_only_global_rank_zero_writes_metrics(tmp_path, monkeypatch):
+    from benchmarks.metrics import StepTimer
+    monkeypatch.setenv("RANK", "3")
+    t = StepTimer(tmp_path / "r3", backend="hf")
+    t.begin()
+    t.end(1, 1.0, 1e-3)
+    t.close()
+    assert not (tmp_path / "r3" / "metrics.jsonl").exists()
+    monkeypatch.setenv("RANK", "0")
+    t = StepTimer(tmp_path / "r0", backend="hf")
+    t.begin()
+    t.end(1, 1.0, 1e-3)
+    t.close()
+    assert len(read_metrics(tmp_path / "r0")) == 1

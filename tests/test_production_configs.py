@@ -116,16 +116,8 @@ def _model_recipe(name: str, tmp_path: Path):
     return cfg, task, note
 
 
-def _llama31_config_missing() -> bool:
-    from nemo.collections import llm
-    return not hasattr(llm, "Llama31Config")
-
-
 @pytest.mark.parametrize("name", PRODUCTION)
 def test_model_config_is_built_from_the_real_shape(name, tmp_path):
-    if load_config(path_of(name)).model.family == "llama" and _llama31_config_missing():
-        pytest.xfail("recipes.nemo_backend.model_config uses llm.Llama31Config, which NeMo 2.1 does not export "
-                     "(it is nemo.collections.llm.gpt.model.llama.Llama31Config)")
     cfg, task, note = _model_recipe(name, tmp_path)
     m = task.recipe.model.config
     arch = resolve_architecture(cfg)[0]
