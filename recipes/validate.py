@@ -156,8 +156,9 @@ def warnings(cfg: ExperimentConfig) -> list[str]:
         out.append(f"vocab {arch.vocab_size} is padded to {padded} rows (multiple of {arch.make_vocab_size_divisible_by}"
                    f" x TP{tp}); exported checkpoints must cut it back to {arch.vocab_size}")
     if arch.family == "qwen2" and arch.vocab_size != QWEN2_IMPORTER_VOCAB:
-        out.append(f"vocab {arch.vocab_size}: NeMo 2.1.0's own Qwen2 importer assumes {QWEN2_IMPORTER_VOCAB} (fixed "
-                   "in 2.2.0); the base checkpoint must come from an importer that keeps the real vocab")
+        out.append(f"vocab {arch.vocab_size}: NeMo 2.1.0's own Qwen2 importer (llm.import_ckpt) assumes "
+                   f"{QWEN2_IMPORTER_VOCAB} (fixed in 2.2.0); import with `python -m recipes.nemo_backend import "
+                   "HF_DIR --family qwen2`, which keeps the real vocab")
     if tp > cfg.train.num_devices:
         out.append(f"TP={tp} is larger than the GPUs per node ({cfg.train.num_devices}): tensor parallelism across "
                    "nodes is slow")
