@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+from recipes.fileio import write_json_atomic
 
 DEFAULT_TOKENIZE = "ja-mecab"
 PREDICTION_FIELDS = ("prediction", "output")
@@ -180,19 +179,6 @@ def score_files(predictions: str | Path, references: str | Path, *, tokenize: st
     return corpus_score(hyp.texts, ref.texts, tokenize=tokenize, sections=sections)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bleu", description=__doc__.split("\n\n")[0],
                                      epilog="Text files: one segment per line. JSONL: see the module docstring.")
@@ -213,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.format())
     if args.json_out:
-        _write_json_atomic(Path(args.json_out), {"predictions": str(args.predictions),
+        write_json_atomic(Path(args.json_out), {"predictions": str(args.predictions),
                                                  "references": str(args.references), **result.to_dict()})
     return 0
 

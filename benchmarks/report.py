@@ -36,6 +36,7 @@ from typing import Optional
 
 from benchmarks.flops import FlopsModel, flops_model, matmul_params, model_shape, peak_tflops
 from benchmarks.train_speed import RunsDiffer, Run, _run_data, compare_runs, load_run
+from recipes.fileio import write_text_atomic
 
 COLORS = {"hf": "tab:orange", "nemo": "tab:green"}
 GIB = 2 ** 30
@@ -429,7 +430,6 @@ def _gpu_list(names: list[str]) -> str:
 def render_markdown(summary: dict, plots: list[str], diff_notes: list[str], run_notes: list[str]) -> str:
     cfg, hw, cpu = summary["config"], summary["hardware"], summary["cpu"]
     t, k = cfg.get("train", {}), summary["warmup"]
-    label = "CPU" if cpu else f"{hw['gpus'][0]} x{summary['devices']}"
     dev = "CPU process" if cpu else "GPU"
     L = [f"# Training benchmark ({'CPU' if cpu else 'GPU'}): {cfg.get('name')} — " + " vs ".join(
         s["backend"] for s in summary["runs"]), ""]
@@ -600,20 +600,9 @@ def build_report(runs: list[Run | str | Path], out_dir: str | Path, warmup: Opti
     plots.append("loss.png")
     notes = [n for r in runs for n in r.notes]
     text = render_markdown(summary, plots, diff, notes)
-    _write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str) + "\n")
-    _write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str) + "\n")
+    write_text_atomic(out / "report.md", text)
     return out / "report.md"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def default_output(run_dirs: list[Path]) -> Optional[Path]:

@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Optional
 
 from benchmarks.metrics import METRICS_FILE, read_metrics
 from benchmarks.sampler import SAMPLES_FILE, ResourceSampler, read_samples, visible_gpu_indices
+from recipes.fileio import write_json_atomic
 
 RUN_INFO_FILE = "bench_run.json"
 CONFIG_FILE = "resolved_config.yaml"
@@ -102,19 +102,6 @@ def _git_commit() -> Optional[str]:
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from recipes.fileio import write_text_atomic
 from recipes.prompt import PROMPT_VERSION, build_messages, render_prompt
 from recipes.tokens import tokenize_pair
 
@@ -357,18 +358,8 @@ def split_by_month(records: list[Record], test_months: int = 1, val_months: int 
 # Writing
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temp file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are ordinary data files
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# write_atomic: the project-wide atomic writer (recipes.fileio), re-exported under its old name here
+write_atomic = write_text_atomic
 
 
 def _jsonl(objs: list[dict]) -> str:

@@ -23,6 +23,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from recipes.fileio import write_json_atomic, write_text_atomic
+
 DEFAULT_CONFIG = "nemo_configs/small_lora.yaml"
 
 
@@ -214,10 +216,9 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
         lines.append("")
     lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(
-        {"bleu": {k: v[0].to_dict() for k, v in results.items()}, "times_s": times, "total_s": total},
-        ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json_atomic(out / "results.json", {"bleu": {k: v[0].to_dict() for k, v in results.items()},
+                                             "times_s": times, "total_s": total, "verify": verifications or {}})
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
+
+from recipes.fileio import write_text_atomic
 
 OUTPUT_FIELDS = ("id", "section", "date", "prediction", "reference")
 
@@ -149,14 +150,7 @@ def write_predictions(rows: list[dict], output_path: str | Path) -> None:
         text = "".join(" ".join(r["prediction"].splitlines()) + "\n" for r in rows)
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, output_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(output_path, text)
 
 
 def generate(model_dir: str | Path, data_path: str | Path, output_path: str | Path,

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from recipes.config import ExperimentConfig
+from recipes.fileio import write_text_atomic
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
 
 # NeMo LoRA target -> HF Llama/Qwen2 module names (see recipes/config.py LoraConfig).
@@ -159,7 +160,7 @@ class HFRecipe:
         if not cuda and cfg.train.precision != "fp32":
             raise ValueError(f"train.precision={cfg.train.precision} needs a GPU; use train.precision=fp32 on CPU")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        write_text_atomic(self.output_dir / "resolved_config.yaml", cfg.to_yaml())
 
         self.tokenizer = tok = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:

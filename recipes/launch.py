@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from recipes.config import ExperimentConfig
+from recipes.fileio import write_text_atomic
 
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:24.12"
 DEFAULT_TIME = "04:00:00"
@@ -305,18 +305,6 @@ def build_executor(args: argparse.Namespace, cfg: ExperimentConfig):
                           job_dir=args.job_dir, packager=args.packager, env_vars=env)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     """``--backend nemo`` with ``--executor`` (or a ``--dry-run`` of a GPU config): validate, then print
     the dry run or launch. Exit status 0 ok, 1 the config does not fit/divide, 2 bad launch options."""
@@ -358,8 +346,8 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         return 2
     task, _ = launch_task(cfg, cpu=False, nemo_path=str(nemo_path))
     out = Path(cfg.output_dir).absolute()
-    _write_atomic(out / "resolved_config.yaml", cfg.to_yaml())
-    _write_atomic(out / "nemo_recipe.txt", str(task) + "\n")
+    write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
+    write_text_atomic(out / "nemo_recipe.txt", str(task) + "\n")
     slurm = isinstance(executor, run.SlurmExecutor)
     run.run(task, executor=executor, name=cfg.name, detach=slurm, tail_logs=not slurm)
     return 0

@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
+from recipes.fileio import write_text_atomic
 from recipes.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 
 # config precision -> MegatronMixedPrecision(precision=...)
@@ -660,7 +661,7 @@ class MetricsCallback(Callback):
         if resumed:
             keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
-            _write_atomic(path, "".join(line + "\n" for line in keep))
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -684,18 +685,6 @@ class MetricsCallback(Callback):
 
 # ---------------------------------------------------------------------------------------------
 # running
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -738,8 +727,8 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     cpu = prepare_process()
     nemo_path = import_hf(cfg.model.hf_path, family=cfg.model.family)
     recipe = build_recipe(cfg, out, nemo_path=nemo_path, cpu=cpu)
-    _write_atomic(out / "resolved_config.yaml", cfg.to_yaml())
-    _write_atomic(out / "nemo_recipe.txt", str(recipe) + "\n")
+    write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
+    write_text_atomic(out / "nemo_recipe.txt", str(recipe) + "\n")
     fdl.build(recipe)()
     return last_checkpoint(out)
 
