@@ -147,7 +147,8 @@ def test_recipe_follows_nodes_and_distributed_optimizer_of_the_config(name, tmp_
 def dgx_section() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     m = re.search(r"^## Run on a DGX H100\n(.*?)(?=^## |\Z)", readme, flags=re.S | re.M)
-    return m.group(0) if m else (ROOT / "docs" / "dgx.md").read_text(encoding="utf-8")
+    assert m, "README.md has no '## Run on a DGX H100' section"
+    return m.group(0)
 
 
 def doc_commands() -> list[str]:
