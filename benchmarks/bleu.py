@@ -19,12 +19,11 @@ with the text in ``prediction`` / ``output`` (predictions) or ``output`` / ``ref
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
-from recipes.fileio import write_json_atomic
+from recipes.fileio import iter_jsonl, write_json_atomic
 
 DEFAULT_TOKENIZE = "ja-mecab"
 PREDICTION_FIELDS = ("prediction", "output")
@@ -134,26 +133,17 @@ def _load_jsonl(path: Path, fields: Sequence[str]) -> Segments:
     texts: list[str] = []
     sections: list[str | None] = []
     ids: list[str | None] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            name = next((k for k in fields if k in row), None)
-            if name is None:
-                raise ValueError(f"{path}:{lineno}: no {' or '.join(repr(k) for k in fields)} field "
-                                 f"(fields: {', '.join(sorted(row))})")
-            if not isinstance(row[name], str):
-                raise ValueError(f"{path}:{lineno}: field {name!r} must be a string, got {row[name]!r}")
-            texts.append(row[name])
-            sec = row.get("section")
-            sections.append(None if sec is None else str(sec))
-            ids.append(None if row.get("id") is None else str(row["id"]))
+    for lineno, row in iter_jsonl(path):
+        name = next((k for k in fields if k in row), None)
+        if name is None:
+            raise ValueError(f"{path}:{lineno}: no {' or '.join(repr(k) for k in fields)} field "
+                             f"(fields: {', '.join(sorted(row))})")
+        if not isinstance(row[name], str):
+            raise ValueError(f"{path}:{lineno}: field {name!r} must be a string, got {row[name]!r}")
+        texts.append(row[name])
+        sec = row.get("section")
+        sections.append(None if sec is None else str(sec))
+        ids.append(None if row.get("id") is None else str(row["id"]))
     has_sections = any(s is not None for s in sections)
     has_ids = any(i is not None for i in ids)
     return Segments(texts=texts, sections=sections if has_sections else None, ids=ids if has_ids else None)

@@ -29,3 +29,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj, indent: int = 1) -> Path:
     return write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent, default=str) + "\n")
+
+
+def iter_jsonl(path: str | Path):
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file; a line that is not a
+    JSON object raises ValueError naming the file and line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row

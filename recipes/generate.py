@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from recipes.fileio import write_text_atomic
+from recipes.fileio import iter_jsonl, write_text_atomic
 
 OUTPUT_FIELDS = ("id", "section", "date", "prediction", "reference")
 
@@ -39,23 +39,14 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     records: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("input"), str) or not row["input"]:
-                raise ValueError(f"{path}:{lineno}: field 'input' must be a non-empty string, got {row.get('input')!r}")
-            if row.get("output") is not None and not isinstance(row["output"], str):
-                raise ValueError(f"{path}:{lineno}: field 'output' must be a string, got {row['output']!r}")
-            records.append(row)
+    for lineno, row in iter_jsonl(path):
+        if limit is not None and len(records) >= limit:
+            break
+        if not isinstance(row.get("input"), str) or not row["input"]:
+            raise ValueError(f"{path}:{lineno}: field 'input' must be a non-empty string, got {row.get('input')!r}")
+        if row.get("output") is not None and not isinstance(row["output"], str):
+            raise ValueError(f"{path}:{lineno}: field 'output' must be a string, got {row['output']!r}")
+        records.append(row)
     if not records:
         raise ValueError(f"{path}: no records")
     return records

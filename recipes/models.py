@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from recipes.fileio import iter_jsonl
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PAIRS = REPO_ROOT / "datasets" / "demo_pairs.jsonl"
 
@@ -206,21 +208,12 @@ def tokenizer_corpus(demo_pairs: str | Path | None = DEMO_PAIRS) -> list[str]:
 
 def _read_demo_pairs(path: Path) -> list[str]:
     out: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for field in ("draft", "final"):
-                value = row.get(field)
-                if not isinstance(value, str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {value!r}")
-                out.append(value)
+    for lineno, row in iter_jsonl(path):
+        for field in ("draft", "final"):
+            value = row.get(field)
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {value!r}")
+            out.append(value)
     return out
 
 
