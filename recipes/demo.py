@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if b == "hf":
             adapter = run_dir / "adapter"
         else:
+            from convert.nim import layout_report
             with t("export nemo lora -> peft + verify"):
                 adapter, verifications[b] = export_nemo_adapter(run_dir, cfg.model.hf_path)
+                verifications[b]["nim"] = layout_report([adapter], out / "nim", [f"{b}-lora"], max(16, cfg.lora.dim))
         results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
 
     plot_losses(curves, out / "loss.png")
@@ -207,6 +209,10 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
                   f"max |Δlogits| **{v['max_abs_diff']:.2e}** (tolerance {v['atol']:g}; the two base models alone: "
                   f"{v['base_max_abs_diff']:.2e}), cosine ≥ {v['cosine_min']:.6f}, "
                   f"argmax agreement {v['argmax_agree_min']:.0%} → **{'OK' if v['ok'] else 'FAILED'}**.", ""]
+        if v.get("nim"):  # convert.nim: NIM_PEFT_SOURCE tree of the exported adapter, validated
+            n = v["nim"]
+            lines += [f"NIM layout (`convert.nim`) `{n['dir']}`: **{'OK' if n['ok'] else 'FAILED'}** "
+                      + "; ".join(n["problems"]), "", "```", *n["docker"], "```", ""]
     lines += ["## Examples (first 3 test rows)", ""]
     names = list(results)
     for i, base_row in enumerate(results[names[0]][1][:3]):
