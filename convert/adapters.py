@@ -4,18 +4,17 @@ On disk (what peft, vLLM and NIM read): ``adapter_config.json`` (peft_type "LORA
 target_modules, base_model_name_or_path, ...) and ``adapter_model.safetensors`` with keys
 ``base_model.model.model.layers.{L}.{self_attn|mlp}.{proj}.lora_A.weight`` ([r, in]) and
 ``...lora_B.weight`` ([out, r]); the update is ``B @ A * lora_alpha / r``.
-Written atomically: a temp dir next to the output, renamed at the end.
+Written atomically (recipes.fileio.atomic_dir): a temp dir next to the output, renamed at the end.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from recipes.fileio import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,22 +45,12 @@ def write_adapter(output_dir: str | Path, tensors: dict[str, torch.Tensor], conf
                   overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write a PEFT adapter directory atomically. ``extra_files``: name -> text (e.g. a README)."""
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite, allow_empty=False) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

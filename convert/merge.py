@@ -8,8 +8,7 @@ each target weight; the merge is done in float32 and cast to ``--dtype`` afterwa
 bf16 would round the small LoRA update away). The output holds config.json, safetensors weights
 (never .bin), generation_config.json and the base's tokenizer files (chat template included), and is
 written to a temp dir beside ``--output`` then renamed: a killed run leaves no dir that looks complete,
-and an existing output is refused without ``--overwrite``. Also the home of :func:`atomic_dir`, used by
-convert.nim.
+and an existing output is refused without ``--overwrite`` (:func:`recipes.fileio.atomic_dir`).
 """
 from __future__ import annotations
 
@@ -23,13 +22,10 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from convert.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from recipes.fileio import atomic_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Files of a HF tokenizer (any family); the ones present in the base are copied verbatim.
@@ -39,43 +35,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class MergeError(ValueError):
     """The base model or adapter cannot be merged (the message names the file)."""
-
-
-@contextmanager
-def atomic_dir(output_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temp dir beside ``output_dir``; on success it replaces ``output_dir``.
-
-    Refuses an existing ``output_dir`` unless ``overwrite``, and an output that is (or contains, or
-    lies inside) one of ``inputs``. On failure the temp dir is removed and any old output is untouched.
-    """
-    out = Path(output_dir).absolute()
-    for src in inputs:
-        s = Path(src).resolve()
-        o = out.resolve()
-        if o == s or s in o.parents or o in s.parents:
-            raise FileExistsError(f"{out}: output overlaps the input {s}; choose another --output")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any mkdir
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            # rename() cannot replace a non-empty dir: move the old one aside, then drop it.
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_adapter(adapter_dir: str | Path) -> dict:
@@ -123,7 +82,7 @@ def merge(base: str | Path, adapter: str | Path, output: str | Path, *, overwrit
     if not (base / "config.json").is_file():
         raise MergeError(f"{base / 'config.json'}: missing, not a Hugging Face model dir")
     check_adapter(adapter)
-    with atomic_dir(output, overwrite, inputs=(base, adapter)) as tmp:
+    with atomic_dir(output, overwrite, inputs=(base, adapter), allow_empty=False) as tmp:
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32, local_files_only=True)
         try:
             peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)

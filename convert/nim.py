@@ -36,7 +36,8 @@ import sys
 from pathlib import Path
 
 from convert.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from convert.merge import TOKENIZER_FILES, atomic_dir
+from convert.merge import TOKENIZER_FILES
+from recipes.fileio import atomic_dir
 
 NIM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's max_lora_rank default
@@ -290,7 +291,7 @@ def layout_adapters(adapters: list[str | Path], output: str | Path, names: list[
     problems += [f"{a}: adapter dir not found" for a in adapters if not a.is_dir()]
     if problems:
         raise NimLayoutError(problems)
-    with atomic_dir(output, overwrite, inputs=tuple(adapters)) as tmp:
+    with atomic_dir(output, overwrite, inputs=tuple(adapters), allow_empty=False) as tmp:
         for src, name in zip(adapters, names):
             (tmp / name).mkdir()
             for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -311,7 +312,7 @@ def layout_model(model_dir: str | Path, output: str | Path, name: str | None = N
     if name is not None and not _NAME_RE.match(name):
         raise NimLayoutError([f"{name}: model name must be letters, digits, '.', '_' or '-'"])
     wanted = ["config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES]
-    with atomic_dir(output, overwrite, inputs=(src,)) as tmp:
+    with atomic_dir(output, overwrite, inputs=(src,), allow_empty=False) as tmp:
         for fname in wanted:
             if (src / fname).is_file():
                 _copy(src / fname, tmp / fname, link)

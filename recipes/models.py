@@ -31,15 +31,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 import importlib.util
 import json
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from recipes.fileio import iter_jsonl
+from recipes.fileio import _check_target, atomic_dir, iter_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PAIRS = REPO_ROOT / "datasets" / "demo_pairs.jsonl"
@@ -113,43 +109,6 @@ class ModelBuildError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # atomic output
-
-
-@contextmanager
-def _atomic_dir(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside ``output_dir``; on success it is renamed to ``output_dir``.
-
-    An existing non-empty ``output_dir`` is an error unless ``overwrite``; on failure the temp dir
-    is removed and any existing ``output_dir`` is left untouched.
-    """
-    out = Path(output_dir).absolute()
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the final dir should look like any mkdir
-    try:
-        yield tmp
-        _check_target(out, overwrite)  # it may have appeared while we were building
-        old = None
-        if out.exists():
-            # Move the old dir aside first: rename() cannot replace a non-empty directory.
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -315,7 +274,7 @@ def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, hea
             "tokenizer_corpus_has_demo_pairs": DEMO_PAIRS.is_file(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": {"tokenizer": round(t_tok, 3), "total": None}}
-    with _atomic_dir(output_dir, overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info["seconds"]["total"] = round(time.perf_counter() - t0, 3)
@@ -397,7 +356,7 @@ def build_small(output_dir: str | Path, *, overwrite: bool = False) -> Path:
     if len(tokenizer) != model.config.vocab_size:
         raise ModelBuildError(f"tokenizer has {len(tokenizer)} tokens, model vocab is {model.config.vocab_size}")
     ids = _set_special_ids(model, tokenizer)
-    with _atomic_dir(output_dir, overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite) as tmp:
         t1 = time.perf_counter()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
