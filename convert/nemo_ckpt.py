@@ -17,6 +17,23 @@ import torch
 import yaml
 
 
+def read_dist_tensors(weights_dir: str | Path, keys: list[str] | None = None) -> dict:
+    """Tensors of a NeMo/megatron dist checkpoint (``weights/``), read with torch.distributed.checkpoint
+    without a process group. Layer weights are stacked: ``[num_layers, ...]``. All keys when None."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(str(weights_dir))
+    md = reader.read_metadata()
+    keys = [k for k, v in md.state_dict_metadata.items() if hasattr(v, "size")] if keys is None else keys
+    missing = [k for k in keys if k not in md.state_dict_metadata]
+    if missing:
+        raise KeyError(f"{weights_dir}: no tensor(s) {missing}")
+    sd = {k: torch.empty(md.state_dict_metadata[k].size, dtype=md.state_dict_metadata[k].properties.dtype)
+          for k in keys}
+    load(sd, storage_reader=reader, no_dist=True)
+    return sd
+
+
 class NemoCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -43,14 +60,10 @@ class NemoCheckpoint:
 
     def load(self, name: str) -> torch.Tensor:
         """One tensor, by its name without the ``module.`` prefix."""
-        from torch.distributed.checkpoint import FileSystemReader, load
         if name not in self.tensors:
             raise KeyError(f"{self.weights_dir}: no tensor {name!r}")
-        shape, dtype = self.tensors[name]
         key = name if name in self._metadata.state_dict_metadata else f"module.{name}"
-        sd = {key: torch.empty(shape, dtype=dtype)}
-        load(sd, storage_reader=FileSystemReader(str(self.weights_dir)), no_dist=True)
-        return sd[key]
+        return read_dist_tensors(self.weights_dir, [key])[key]
 
     @cached_property
     def model_config(self) -> dict:

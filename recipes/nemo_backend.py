@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
+from convert.nemo_ckpt import read_dist_tensors
 from recipes.fileio import write_text_atomic
 from recipes.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 
@@ -239,24 +240,6 @@ def _qwen2_importer(hf_path: Path):
                                        transforms=[qwen2._import_qkv, qwen2._import_qkv_bias, qwen2._import_linear_fc1])
 
     return Qwen2Importer(str(hf_path))
-
-
-def read_dist_tensors(weights_dir: str | Path, keys: list[str] | None = None) -> dict:
-    """Tensors of a NeMo/megatron dist checkpoint (``weights/``), read with torch.distributed.checkpoint
-    without a process group. Layer weights are stacked: ``[num_layers, ...]``. All keys when None."""
-    import torch
-    from torch.distributed.checkpoint import FileSystemReader, load
-
-    reader = FileSystemReader(str(weights_dir))
-    md = reader.read_metadata()
-    keys = [k for k, v in md.state_dict_metadata.items() if hasattr(v, "size")] if keys is None else keys
-    missing = [k for k in keys if k not in md.state_dict_metadata]
-    if missing:
-        raise KeyError(f"{weights_dir}: no tensor(s) {missing}")
-    sd = {k: torch.empty(md.state_dict_metadata[k].size, dtype=md.state_dict_metadata[k].properties.dtype)
-          for k in keys}
-    load(sd, storage_reader=reader, no_dist=True)
-    return sd
 
 
 def check_imported_norms(hf_path: str | Path, nemo_path: str | Path) -> dict:
