@@ -286,7 +286,7 @@ def summarize(runs: list[Run], warmup: Optional[int] = None) -> dict:
 # plots
 
 
-def _savefig_atomic(fig, path: Path) -> None:
+def savefig_atomic(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
@@ -332,7 +332,7 @@ def plot_step_times(runs: list[Run], summary: dict, path: Path, label: str) -> N
     bx.set_title("measured steps: median, IQR,\nwhiskers p10/p90", fontsize=9)
     bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _savefig_atomic(fig, path)
+    savefig_atomic(fig, path)
     plt.close(fig)
 
 
@@ -385,7 +385,7 @@ def plot_resources(runs: list[Run], summary: dict, out_dir: Path, label: str) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        _savefig_atomic(fig, out_dir / name)
+        savefig_atomic(fig, out_dir / name)
         plt.close(fig)
         written.append(name)
     return written
@@ -403,7 +403,7 @@ def plot_loss(runs: list[Run], path: Path, label: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _savefig_atomic(fig, path)
+    savefig_atomic(fig, path)
     plt.close(fig)
 
 
