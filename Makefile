@@ -43,10 +43,11 @@ $(SERVE_VENV)/.installed: requirements/serve.txt requirements/serve-constraints.
 
 serve-install: $(SERVE_VENV)/.installed
 
-# headless Chromium (Debian) for the review app's screenshot; needs root or sudo
+# headless Chromium (Debian) + a Japanese font for the review app's screenshot; needs root or sudo
 browser:
-	@command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium >/dev/null; }
+	@{ command -v chromium && fc-list :lang=ja | grep -q .; } >/dev/null 2>&1 || { \
+		$$(command -v sudo) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$$(command -v sudo) apt-get install -y -qq chromium fonts-ipafont-gothic >/dev/null; }
 
 demo: install serve-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)

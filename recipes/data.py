@@ -13,8 +13,10 @@ chat template (recipes.prompt) and writes, into a temp dir that is renamed at th
         {"prompt": [system, user], "completion": [assistant], "id", "date", "section", "fund"}
     stats.json                                   rows, months, tokens, length percentiles, truncation
 
-The file formats and the normalisation rules are documented in datasets/README.md; the command
-line is recipes/prepare_data.py. This module owns the prepared format: :func:`read_prepared`
+:func:`prepare_from_db` does the same for the reviews saved by the review app (review_app.store,
+a SQLAlchemy URL): saved edits become the next training set; problems name the table, record id
+and column. The file formats and the normalisation rules are documented in datasets/README.md; the
+command line is recipes/prepare_data.py. This module owns the prepared format: :func:`read_prepared`
 reads it back.
 """
 from __future__ import annotations
@@ -285,7 +287,9 @@ def read_records(input_path: str | os.PathLike) -> list[Record]:
     return records
 
 
-def _validate(path: Path, i: int, raw: dict) -> tuple[Record | None, list[str]]:
+def _validate(path: Path | str, i: int, raw: dict, loc: str | None = None) -> tuple[Record | None, list[str]]:
+    """``loc`` replaces ``FILE:ROW`` at the start of each message (e.g. a database table and record id)."""
+    loc = loc or f"{path}:{i}"
     errs, val = [], {}
     for f in REQUIRED + OPTIONAL:
         v = raw.get(f)
@@ -293,26 +297,26 @@ def _validate(path: Path, i: int, raw: dict) -> tuple[Record | None, list[str]]:
             val[f] = v
             continue
         if v is not None and not isinstance(v, (str, int, float)):
-            errs.append(f"{path}:{i}: field '{f}': expected text, got {type(v).__name__}")
+            errs.append(f"{loc}: field '{f}': expected text, got {type(v).__name__}")
             continue
         t = _text(v)
         if t is None and f in REQUIRED:
-            errs.append(f"{path}:{i}: field '{f}': missing")
+            errs.append(f"{loc}: field '{f}': missing")
             continue
         t = normalize_text(t or "")
         if not t and f in REQUIRED:
-            errs.append(f"{path}:{i}: field '{f}': empty text")
+            errs.append(f"{loc}: field '{f}': empty text")
             continue
         val[f] = t or None
     if "date" in val:
         month = parse_month(val["date"])
         if month is None:
-            errs.append(f"{path}:{i}: field 'date': bad date {str(val['date'])!r} ({DATE_HELP})")
+            errs.append(f"{loc}: field 'date': bad date {str(val['date'])!r} ({DATE_HELP})")
         val["date"] = month
     if "section" in val:
         sec = canonical_section(val["section"])
         if sec is None:
-            errs.append(f"{path}:{i}: field 'section': unknown section {val['section']!r} "
+            errs.append(f"{loc}: field 'section': unknown section {val['section']!r} "
                         f"(expected {' / '.join(SECTIONS)} or a synonym listed in datasets/README.md)")
         val["section"] = sec
     if errs:
@@ -375,11 +379,13 @@ def percentiles(values: list[int | float]) -> dict:
     return {"p50": at(50), "p90": at(90), "p99": at(99), "max": v[-1]}
 
 
-def _check_output(input_path: Path, out: Path, overwrite: bool) -> None:
-    src, dst = input_path.resolve(), out.resolve()
-    if dst == src or dst in src.parents:
-        raise ValueError(f"output {out} would contain or replace the input {input_path}; "
-                         "choose another output directory")
+def _check_output(input_path: Path | None, out: Path, overwrite: bool) -> None:
+    """``input_path`` None: the input is not a local file (a database server)."""
+    if input_path is not None:
+        src, dst = input_path.resolve(), out.resolve()
+        if dst == src or dst in src.parents:
+            raise ValueError(f"output {out} would contain or replace the input {input_path}; "
+                             "choose another output directory")
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"output {out} exists and is not a directory")
@@ -410,15 +416,58 @@ def prepare(input_path, output_dir, tokenizer_dir, seq_length: int = 512, test_m
     input_path, out = Path(input_path), Path(output_dir)
     _check_output(input_path, out, overwrite)
     records = read_records(input_path)
+    return _prepare_records(records, str(input_path), out, tokenizer_dir, seq_length, test_months, val_months)
+
+
+def read_db_records(db_url: str) -> list[Record]:
+    """Reviews saved by the review app (review_app.store) as validated Records: the same checks and
+    normalisation as a row of a file; each problem reads ``URL table T id N: field 'X': message``
+    (X is the table's column). Raises DataError listing every problem; nothing is created."""
+    from review_app.store import FIELD_COLUMNS, TABLE, StoreError, export_rows, safe_url
+    where = f"{safe_url(db_url)} table {TABLE}"
+    errors: list[str] = []
+    records = []
+    try:
+        for rid, raw in export_rows(db_url):
+            rec, errs = _validate(where, rid, raw, loc=f"{where} id {rid}")
+            for field, column in FIELD_COLUMNS.items():  # name the table's column, not the file column
+                errs = [e.replace(f"field '{field}'", f"field '{column}'") for e in errs]
+            errors.extend(errs)
+            if rec:
+                records.append(rec)
+    except StoreError as e:
+        raise DataError([str(e)]) from None
+    if not errors and not records:
+        errors.append(f"{where}: no saved reviews")
+    if errors:
+        raise DataError(errors)
+    return records
+
+
+def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 512, test_months: int = 1,
+                    val_months: int = 1, overwrite: bool = False) -> dict:
+    """:func:`prepare` for the reviews saved in a database (``sqlite:///runs/review.db``,
+    ``snowflake://...``): the saved drafts and edited finals become the next training set, through
+    the same validation, normalisation, dedupe, time split and output format."""
+    from review_app.store import safe_url, sqlite_path
+    out = Path(output_dir)
+    _check_output(sqlite_path(db_url), out, overwrite)
+    records = read_db_records(db_url)
+    return _prepare_records(records, safe_url(db_url), out, tokenizer_dir, seq_length, test_months, val_months)
+
+
+def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_dir, seq_length: int,
+                     test_months: int, val_months: int) -> dict:
+    """Dedupe, split, render and write validated records (``source`` names the input in stats/errors)."""
     kept, dropped = dedupe(records)
-    splits = split_by_month(kept, test_months, val_months, source=str(input_path))
+    splits = split_by_month(kept, test_months, val_months, source=source)
     tok = load_tokenizer(tokenizer_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # it becomes the output directory
     try:
-        stats = {"prompt_version": PROMPT_VERSION, "input": str(input_path), "tokenizer": str(tokenizer_dir),
+        stats = {"prompt_version": PROMPT_VERSION, "input": source, "tokenizer": str(tokenizer_dir),
                  "seq_length": seq_length, "rows_read": len(records), "duplicates_dropped": dropped,
                  "test_months": test_months, "val_months": val_months,
                  "rows": {}, "months": {}, "tokens": {}, "truncated": {}, "lengths": {}}

@@ -2,6 +2,12 @@
 
     python -m recipes.prepare_data --input datasets/demo_pairs.jsonl --output data/demo \\
         --tokenizer models/tiny [--seq-length 512] [--test-months 1] [--val-months 1] [--overwrite]
+    python -m recipes.prepare_data --from-db sqlite:///runs/review.db --output data/reviewed \\
+        --tokenizer models/tiny [same options]
+
+``--from-db`` reads the reviews saved by the review app (python -m review_app) from a SQLAlchemy
+URL (SQLite file, snowflake://...) instead of a file; each saved draft with its edited final is one
+row, checked, normalised and split exactly like a file row (errors name the table, id and column).
 
 Exit status 0 on success, 2 when the input has errors (every bad row is printed as
 ``FILE:ROW: field 'X': message``) or the output directory is unsafe to write; nothing is written then.
@@ -12,13 +18,16 @@ import argparse
 import json
 import sys
 
-from recipes.data import DataError, prepare
+from recipes.data import DataError, prepare, prepare_from_db
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipes.prepare_data", description=__doc__.split("\n\n")[0],
                                  epilog="File formats, columns and normalisation: datasets/README.md")
-    ap.add_argument("--input", required=True, help="raw pairs: .csv (UTF-8), .xlsx (first sheet) or .jsonl")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="raw pairs: .csv (UTF-8), .xlsx (first sheet) or .jsonl")
+    src.add_argument("--from-db", metavar="URL", help="reviews saved by the review app: a SQLAlchemy URL, "
+                     "e.g. sqlite:///runs/review.db or snowflake://user:pass@account/db/schema?warehouse=WH")
     ap.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--tokenizer", required=True,
                     help="local HF model/tokenizer directory whose chat template renders the prompts")
@@ -28,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-months", type=int, default=1, help="months before them used for validation (default 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing prepared output directory")
     args = ap.parse_args(argv)
+    options = dict(seq_length=args.seq_length, test_months=args.test_months, val_months=args.val_months,
+                   overwrite=args.overwrite)
+    source = args.input
     try:
-        stats = prepare(args.input, args.output, args.tokenizer, seq_length=args.seq_length,
-                        test_months=args.test_months, val_months=args.val_months, overwrite=args.overwrite)
+        if args.from_db:
+            from review_app.store import safe_url  # SQLAlchemy only when a database is read
+            source = safe_url(args.from_db)
+            stats = prepare_from_db(args.from_db, args.output, args.tokenizer, **options)
+        else:
+            stats = prepare(args.input, args.output, args.tokenizer, **options)
     except DataError as e:
-        print(f"error: {args.input}: {len(e.errors)} problem(s), nothing written:", file=sys.stderr)
+        print(f"error: {source}: {len(e.errors)} problem(s), nothing written:", file=sys.stderr)
         for line in e.errors:
             print("  " + line, file=sys.stderr)
         return 2
