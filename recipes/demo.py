@@ -8,7 +8,10 @@ Steps (each timed, each reading only what the previous step wrote):
   3. base     greedy generation on the test split with the untuned model -> BLEU "before"
   4. train    LoRA fine-tune with each backend from the same config -> metrics.jsonl
   5. tuned    greedy generation with each adapter -> BLEU "after"
-  6. report   report.md + loss-curve PNG in the output dir
+  6. serve    vLLM (CPU build) serves the base model + both adapters on 127.0.0.1: model comparison
+              (benchmarks.model_eval, paired bootstrap), serving speed (benchmarks.inference_speed),
+              and a screenshot of the review app asking the tuned model (review_app.screenshot)
+  7. report   report.md + loss-curve PNG in the output dir
 Nothing is downloaded. The model and data are cached under artifacts/ (inside the repo).
 """
 from __future__ import annotations
@@ -77,6 +80,40 @@ def export_nemo_adapter(run_dir: Path, base_hf: str) -> tuple[Path, dict]:
     return adapter, json.loads(report_path.read_text(encoding="utf-8"))
 
 
+def serve_and_compare(out: Path, base_hf: str, adapters: dict[str, Path], test_hf: Path, *,
+                      max_tokens: int, limit: int | None = None) -> dict:
+    """Serve the base model and every adapter from one vLLM server, as NIM serves a PEFT source, and
+    measure them the way the user compares NIM/vLLM/OpenAI endpoints: BLEU with a paired bootstrap
+    against the base model, streaming speed of base vs the first adapter, and the review app asking
+    the first adapter (screenshot). Each part writes its own directory under ``out``."""
+    from benchmarks.inference_speed import Target, run_benchmark
+    from benchmarks.model_eval import EndpointSpec, evaluate as evaluate_endpoints
+    from benchmarks.serve import VLLMServer
+    from review_app.screenshot import find_chromium, screenshot
+    from benchmarks.model_eval import load_examples
+    from recipes.prompt import parse_user_message
+    from review_app.settings import Settings
+
+    tuned = next(iter(adapters))
+    with VLLMServer(base_hf, served_name="base", loras=adapters, log_path=out / "serve" / "vllm.log") as srv:
+        specs = [EndpointSpec("base", srv.base_url, model="base")]
+        specs += [EndpointSpec(name, srv.base_url, model="base", adapter=name) for name in adapters]
+        compare = evaluate_endpoints(test_hf, out / "model_eval", specs, max_tokens=max_tokens, concurrency=4,
+                                     baseline="base", limit=limit, overwrite=True, progress=False)
+        speed = run_benchmark([Target("base", srv.base_url, "base"), Target(tuned, srv.base_url, tuned)],
+                              test_hf, out / "inference_speed", levels=[1, 4], max_tokens=64, requests=8,
+                              overwrite=True, progress=False)
+        shot = None
+        chromium = find_chromium()
+        if chromium:
+            ask = parse_user_message(load_examples(test_hf, limit=1)[0].source)
+            settings = Settings(db_url=f"sqlite:///{(out / 'review_app' / 'review.db').resolve()}",
+                                base_url=srv.base_url, model=tuned, max_tokens=max_tokens)
+            shot = screenshot(out / "review_app" / "review_app.png", settings, chromium, draft=ask["draft"],
+                              section=ask["section"], month=ask["date"], fund=ask["fund"], ask=True)
+    return {"compare": compare, "speed": speed, "screenshot": shot, "tuned": tuned}
+
+
 def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -104,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="hf,nemo", help="comma-separated: hf,nemo")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on at most N test rows")
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--no-serve", action="store_true",
+                    help="skip step 6 (needs the vLLM venv from `make serve-install` and Chromium)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the fine-tune")
     args = ap.parse_intermixed_args(argv)
 
@@ -137,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return res, rows
 
     results = {"base": evaluate("base", None)}
-    curves, verifications = {}, {}
+    curves, verifications, adapters = {}, {}, {}
     for b in backends:
         run_dir = out / "runs" / b
         if run_dir.exists():  # the demo's own previous output: start fresh (NeMo would resume from it)
@@ -154,11 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 adapter, verifications[b] = export_nemo_adapter(run_dir, cfg.model.hf_path)
                 verifications[b]["nim"] = layout_report([adapter], out / "nim", [f"{b}-lora"], max(16, cfg.lora.dim))
         results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
+        adapters[f"{b}-{cfg.method}"] = adapter
 
+    served = None
+    if not args.no_serve:
+        with t("serve: model comparison, speed, review app"):
+            served = serve_and_compare(out, cfg.model.hf_path, adapters, data_dir / "hf" / "test.jsonl",
+                                       max_tokens=args.max_new_tokens, limit=args.limit)
     plot_losses(curves, out / "loss.png")
     report_demo_runs(out)  # benchmark of the training runs -> out/benchmark/report.md (CPU)
     total = time.perf_counter() - t_all
-    write_report(out, cfg, stats, results, curves, t.times, total, verifications)
+    write_report(out, cfg, stats, results, curves, t.times, total, verifications, served)
     print(f"[demo] report: {out / 'report.md'} ({total:.0f}s)")
     return 0
 
@@ -172,8 +217,47 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
+def served_section(served: dict) -> list[str]:
+    """Report lines for step 6: the served-model comparison, serving speed and the app screenshot."""
+    cmp, speed = served["compare"], served["speed"]
+    lines = ["## Served models (vLLM CPU build, OpenAI-compatible API on 127.0.0.1)", "",
+             "The base model and the adapters served by one server, requested by name as NIM serves a "
+             "NIM_PEFT_SOURCE (`benchmarks.model_eval`, greedy). Paired bootstrap resampling against "
+             f"`{cmp['baseline']}` (sacrebleu, {cmp['bootstrap']['n_samples'] if cmp['bootstrap'] else 0} samples).", "",
+             "| model | BLEU (0–1) | BLEU (0–100) | 95 % CI | chrF | Δ vs base | p-value |", "|---|---|---|---|---|---|---|"]
+    for name in cmp["ranking"]:
+        b = cmp["models"][name]["bleu"]
+        sig = (b.get("significance") or {}).get("BLEU") or {}
+        p = sig.get("p_value")
+        ci = f"{sig['mean']:.1f} ± {sig['ci']:.1f}" if sig else ""
+        lines.append(f"| {name} | {b['score'] / 100:.3f} | {b['score']:.2f} | {ci} | {b['chrf']:.2f} | "
+                     f"{b['delta_vs_baseline']:+.2f} | {'' if p is None else f'{p:.4f}'} |")
+    lines += ["", "![BLEU per model](model_eval/bleu.png)", "",
+              "Details: [model_eval/results.md](model_eval/results.md), character diffs against the references: "
+              "[model_eval/examples.md](model_eval/examples.md).", "",
+              f"Serving speed (`benchmarks.inference_speed`, streaming, max {speed['max_tokens']} tokens, "
+              f"{speed['requests_per_level']} requests per level, tokens from the server's usage field; "
+              "2 CPU cores — ratios only):", "",
+              "| endpoint | concurrency | tok/s per request | aggregate tok/s | TTFT p50 (ms) | ITL p50 (ms) | "
+              "E2E p90 (s) | errors |", "|---|---|---|---|---|---|---|---|"]
+    for label, levels in speed["summaries"].items():
+        for level, s in levels.items():
+            def ms(d):
+                return "" if d.get("p50") is None else f"{1000 * d['p50']:.0f}"
+            lines.append(f"| {label} | {level} | {s['request_tok_per_s']['mean'] or 0:.1f} | "
+                         f"{s['aggregate_tok_per_s'] or 0:.1f} | {ms(s['ttft_s'])} | {ms(s['itl_s'])} | "
+                         f"{s['e2e_s']['p90'] or 0:.2f} | {s['errors']} |")
+    lines += ["", "![tokens/s vs concurrency](inference_speed/throughput.png)", ""]
+    if served.get("screenshot"):
+        lines += ["## Review app", "",
+                  f"`python -m review_app` asking `{served['tuned']}` on the same server for the first test draft "
+                  "(headless Chromium screenshot, `review_app.screenshot`):", "",
+                  "![review app](review_app/review_app.png)", ""]
+    return lines
+
+
 def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times: dict, total: float,
-                 verifications: dict | None = None) -> None:
+                 verifications: dict | None = None, served: dict | None = None) -> None:
     lines = [f"# CPU demo report: {cfg.name}", "",
              f"Model `{cfg.model.hf_path}` ({cfg.model.preset or 'HF dir'}), method **{cfg.method}**, "
              f"{cfg.train.max_steps} steps, global batch {cfg.train.global_batch_size}, seq {cfg.train.seq_length}, "
@@ -213,6 +297,8 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
             n = v["nim"]
             lines += [f"NIM layout (`convert.nim`) `{n['dir']}`: **{'OK' if n['ok'] else 'FAILED'}** "
                       + "; ".join(n["problems"]), "", "```", *n["docker"], "```", ""]
+    if served:
+        lines += served_section(served)
     lines += ["## Examples (first 3 test rows)", ""]
     names = list(results)
     for i, base_row in enumerate(results[names[0]][1][:3]):
@@ -223,7 +309,8 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
     lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
     write_json_atomic(out / "results.json", {"bleu": {k: v[0].to_dict() for k, v in results.items()},
-                                             "times_s": times, "total_s": total, "verify": verifications or {}})
+                                             "times_s": times, "total_s": total, "verify": verifications or {},
+                                             "served": {k: v for k, v in (served or {}).items() if k != "screenshot"}})
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 

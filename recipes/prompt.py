@@ -21,6 +21,16 @@ def user_message(draft: str, section: str, date: str, fund: str | None = None) -
     return "\n".join(head) + "\n\n下書き:\n" + draft
 
 
+def parse_user_message(text: str) -> dict[str, str | None]:
+    """Inverse of user_message: {"draft", "section", "date", "fund"} of a user turn built here."""
+    head, sep, draft = text.partition("\n\n下書き:\n")
+    if not sep:
+        raise ValueError("not a user message built by recipes.prompt.user_message (no '下書き:' line)")
+    fields = dict(line.split(": ", 1) for line in head.splitlines() if ": " in line)
+    return {"draft": draft, "section": fields.get("セクション"), "date": fields.get("対象月"),
+            "fund": fields.get("ファンド")}
+
+
 def build_messages(draft: str, section: str, date: str, fund: str | None = None,
                    final: str | None = None) -> list[dict[str, str]]:
     """OpenAI-style chat messages; with ``final`` the assistant turn is included (training)."""

@@ -26,3 +26,14 @@ def test_demo_writes_report_with_bleu_before_and_after(small_model_dir, tmp_path
     assert (out / "loss.png").stat().st_size > 1000
     assert len((out / "predictions_hf_lora.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert [r["step"] for r in map(json.loads, (out / "runs/hf/metrics.jsonl").read_text().splitlines())] == [1, 2]
+    # step 6: served by vLLM, compared with a paired bootstrap, speed measured, the app screenshotted
+    served = results["served"]
+    models = served["compare"]["models"]
+    assert set(models) == {"base", "hf-lora"} and models["hf-lora"]["adapter"] == "hf-lora"
+    assert models["hf-lora"]["bleu"]["significance"]["BLEU"]["p_value"] is not None
+    assert set(served["speed"]["summaries"]) == {"base", "hf-lora"}
+    assert all(s["errors"] == 0 and s["output_tokens"] > 0
+               for levels in served["speed"]["summaries"].values() for s in levels.values())
+    assert "## Served models" in report and "| hf-lora | 4 |" in report
+    for png in ("model_eval/bleu.png", "inference_speed/throughput.png", "review_app/review_app.png"):
+        assert (out / png).stat().st_size > 5000, png
