@@ -154,23 +154,29 @@ def _clip_grads_without_cuda_assert() -> None:
     _replace("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
 
 
+CUDA_ONLY_FUSIONS = ("apply_rope_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
+                     "bias_activation_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion")
+
+
+def post_init_without_fusions(original):
+    """TransformerConfig.__post_init__ that first turns the CUDA-only fusions off (also used, only while
+    a config is built, by convert.hf_to_nemo)."""
+    def __post_init__(self):
+        for f in CUDA_ONLY_FUSIONS:
+            if getattr(self, f, False):
+                setattr(self, f, False)
+        original(self)
+    return __post_init__
+
+
 def _fusions_off() -> None:
     # Configs built inside NeMo (HFLlamaImporter.config -> LlamaConfig(apply_rope_fusion=True, ...))
     # fail in __post_init__: "ValueError: apply_rope_fusion is not available. Please install TE >= 1.4
     # or Apex." The fused kernels need CUDA anyway, so every TransformerConfig gets them off.
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    original = TransformerConfig.__post_init__
-    fusions = ("apply_rope_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
-               "bias_activation_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion")
-
-    def __post_init__(self):
-        for f in fusions:
-            if getattr(self, f, False):
-                setattr(self, f, False)
-        original(self)
-
-    _replace("megatron.core.transformer.transformer_config", "TransformerConfig.__post_init__", __post_init__)
+    _replace("megatron.core.transformer.transformer_config", "TransformerConfig.__post_init__",
+             post_init_without_fusions(TransformerConfig.__post_init__))
 
 
 def _dist_ckpt_write_item_compat() -> None:

@@ -2,9 +2,10 @@
 
 Torchtune-style: small functions, each taking only the config node it needs:
 
-- :func:`import_hf` — HF dir -> NeMo 2 checkpoint with ``llm.import_ckpt`` (Llama) or a fixed copy of
-  the 2.1.0 Qwen2 importer (vocab size and tied embeddings from the HF config), cached beside the HF
-  dir (``<hf_path>-nemo``), written to a temp dir and renamed, with a marker naming the source files;
+- :func:`import_hf` — HF dir -> NeMo 2 checkpoint with the project's streaming converter
+  (``convert.hf_to_nemo``; ``importer="nemo"``: NeMo's own ``llm.import_ckpt`` for Llama or a fixed copy
+  of the 2.1.0 Qwen2 importer), cached beside the HF dir (``<hf_path>-nemo``), written to a temp dir
+  and renamed, with a marker naming the source files;
 - :func:`import_logits_check` — the imported checkpoint's logits against the HF model's (CPU, fp32);
 - :func:`build_recipe` — ``run.Partial(llm.finetune, model=, data=, trainer=, log=, optim=, peft=,
   resume=)`` built from :func:`model_config`, :func:`data_config`, :func:`trainer_config`,
@@ -131,8 +132,8 @@ def _source_fingerprint(hf_path: Path) -> dict:
     return files
 
 
-def import_is_complete(hf_path: str | Path, nemo_path: str | Path) -> bool:
-    """True when ``nemo_path`` holds a finished import of the current files of ``hf_path``."""
+def import_is_complete(hf_path: str | Path, nemo_path: str | Path, importer: str = "convert") -> bool:
+    """True when ``nemo_path`` holds a finished import of the current files of ``hf_path`` by ``importer``."""
     marker = Path(nemo_path) / IMPORT_MARKER
     if not marker.is_file() or not (Path(nemo_path) / "weights").is_dir() or not (Path(nemo_path) / "context").is_dir():
         return False
@@ -140,7 +141,7 @@ def import_is_complete(hf_path: str | Path, nemo_path: str | Path) -> bool:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
-    return (info.get("norm_check", {}).get("norms_equal") is True
+    return (info.get("norm_check", {}).get("norms_equal") is True and info.get("importer") == importer
             and info.get("source_files") == _source_fingerprint(Path(hf_path).absolute()))
 
 
@@ -149,21 +150,30 @@ def _model_class(family: str):
     return {"llama": llm.LlamaModel, "qwen2": llm.Qwen2Model}[family]
 
 
+IMPORTERS = ("convert", "nemo")
+
+
 def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: str = "llama",
-              check_norms: bool = True) -> Path:
+              check_norms: bool = True, importer: str = "convert") -> Path:
     """HF model dir -> NeMo 2 checkpoint dir (``context/`` + ``weights/``); returns its path.
 
+    ``importer="convert"`` (default): ``convert.hf_to_nemo``, one layer at a time, the same tensors as
+    NeMo's importer, and it also handles what 2.1.0's importers get wrong (Llama 3.1 rope_scaling,
+    Qwen2.5-72B's vocab, tied Qwen2). ``"nemo"``: NeMo's own ``llm.import_ckpt`` (Llama) / the fixed
+    Qwen2 importer; on a CPU it needs :mod:`recipes.cpu_shim` (:func:`prepare_process` applies it):
+    its converter patch is what keeps the norm weights.
     Skipped when ``nemo_path`` (default :func:`default_nemo_path`) already holds a complete import of
-    the same source files. Otherwise the import is written to a temp dir beside it, checked (the
-    layer-norm weights must be the HF ones, see :func:`check_imported_norms`), marked complete and
-    renamed into place. On a CPU the caller must have applied :mod:`recipes.cpu_shim`
-    (:func:`prepare_process` does): its converter patch is what keeps the norm weights.
-    ``check_norms=False`` skips that check (only for demonstrating what the logits check catches).
+    the same source files by the same importer. Otherwise the import is written to a temp dir beside
+    it, checked (the layer-norm weights must be the HF ones, see :func:`check_imported_norms`), marked
+    complete and renamed into place. ``check_norms=False`` skips that check (only for demonstrating
+    what the logits check catches).
     """
+    if importer not in IMPORTERS:
+        raise ValueError(f"importer {importer!r}: expected one of {', '.join(IMPORTERS)}")
     hf_path = Path(hf_path).absolute()
     hf = _check_family(hf_path, family)
     dest = Path(nemo_path).absolute() if nemo_path else default_nemo_path(hf_path)
-    if import_is_complete(hf_path, dest):
+    if import_is_complete(hf_path, dest, importer):
         return dest
     from nemo.collections import llm
 
@@ -172,7 +182,10 @@ def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: 
     tmp = tmp_root / dest.name
     try:
         t0 = time.perf_counter()
-        if family == "qwen2":
+        if importer == "convert":
+            from convert.hf_to_nemo import convert as hf_to_nemo
+            hf_to_nemo(hf_path, tmp, progress=False)
+        elif family == "qwen2":
             _qwen2_importer(hf_path)(output_path=tmp)
         else:
             # The importer builds the model config from the HF config.json; the model passed here only
@@ -184,7 +197,7 @@ def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: 
             norms = check_imported_norms(hf_path, tmp) if check_norms else {"norms_equal": "not checked"}
         except RuntimeError as e:
             raise RuntimeError(str(e).replace(str(tmp), str(dest))) from None
-        info = {"source": str(hf_path), "family": family, "model_type": hf.get("model_type"),
+        info = {"source": str(hf_path), "family": family, "model_type": hf.get("model_type"), "importer": importer,
                 "source_files": _source_fingerprint(hf_path), "seconds": seconds, "norm_check": norms}
         (tmp / IMPORT_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if dest.exists():  # stale or half-written: replace it
@@ -587,7 +600,7 @@ def describe(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> str
             "seq_length", "seed", "precision")
     where = "CPU (recipes.cpu_shim applied at run time)" if cpu else "GPU"
     lines = [f"# NeMo 2.1 recipe for {cfg.name} ({cfg.method}) on {where}",
-             f"# base checkpoint: {default_nemo_path(cfg.model.hf_path)} (llm.import_ckpt of {cfg.model.hf_path})",
+             f"# base checkpoint: {default_nemo_path(cfg.model.hf_path)} (convert.hf_to_nemo of {cfg.model.hf_path})",
              "# optimizer: " + ", ".join(f"{k}={s[k]}" for k in keys),
              (f"# LoRA: dim={s['lora_dim']} alpha={s['lora_alpha']} dropout={s['lora_dropout']} "
               f"target_modules={','.join(s['lora_targets'])}") if cfg.method == "lora" else "# full SFT (no PEFT)"]
@@ -735,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", parents=[common], help="HF model dir -> NeMo 2 checkpoint (cached)")
     imp.add_argument("hf_path")
     imp.add_argument("--output", help="checkpoint dir (default: <hf_path>-nemo)")
+    imp.add_argument("--importer", choices=IMPORTERS, default="convert",
+                     help="convert: the project's streaming converter (convert.hf_to_nemo, default); "
+                          "nemo: NeMo 2.1's own llm.import_ckpt")
     imp.add_argument("--no-norm-check", action="store_true",
                      help="keep an import whose norm weights differ from HF (to test the logits check)")
     imp.add_argument("--check-logits", action="store_true", help="then compare logits with the HF model")
@@ -748,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_process(exclude_patches=tuple(args.exclude_patch))
         if args.cmd == "import":
-            out = import_hf(args.hf_path, args.output, family=args.family, check_norms=not args.no_norm_check)
+            out = import_hf(args.hf_path, args.output, family=args.family, check_norms=not args.no_norm_check,
+                            importer=args.importer)
             report = {"nemo_path": str(out)}
             if args.check_logits:
                 report["logits"] = import_logits_check(args.hf_path, out, family=args.family)

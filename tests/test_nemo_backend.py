@@ -360,14 +360,14 @@ def test_skipped_norm_importer_bug_is_caught(tiny, tmp_path):
     """Without the shim's converter patch the 2.1.0 importer leaves every RMSNorm at 1.0: the import's
     norm check refuses it, and an import kept anyway fails the logits check."""
     bad = tmp_path / "bad-nemo"
-    patch = ["--exclude-patch", "converters_map_local_norm_names"]
+    patch = ["--importer", "nemo", "--exclude-patch", "converters_map_local_norm_names"]
     r = _run(["-m", "recipes.nemo_backend", "import", str(tiny["model"]), "--output", str(bad), *patch], check=False)
     assert r.returncode == 1 and "they are all 1.0" in r.stderr, r.stderr[-3000:]
     assert not bad.exists()  # nothing half-written is left behind
     r = _run(["-m", "recipes.nemo_backend", "import", str(tiny["model"]), "--output", str(bad), *patch,
               "--no-norm-check", "--check-logits"], check=False)
     assert r.returncode == 1 and "NeMo logits differ" in r.stderr, r.stderr[-3000:]
-    assert not nb.import_is_complete(tiny["model"], bad)  # an unchecked import is never reused
+    assert not nb.import_is_complete(tiny["model"], bad, "nemo")  # an unchecked import is never reused
 
 
 @pytest.mark.slow
