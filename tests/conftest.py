@@ -19,6 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the vLLM server run last: the session-scoped server then starts once, after the
+    timing-sensitive tests (sampler overhead, backend step times), and holds its ~4 GB only at the end."""
+    items.sort(key=lambda item: "openai_server" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from recipes.models import build_tiny

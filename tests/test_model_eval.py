@@ -362,7 +362,10 @@ def test_killed_evaluation_resumes_without_repeating_items(tmp_path, sig):
 def _run_and_kill(cmd: list[str], cache: Path, min_lines: int, timeout: float = 120,
                   sig: int = signal.SIGKILL) -> int:
     """Start ``cmd``, send it ``sig`` once ``cache`` has ``min_lines`` lines; return the lines after it exited."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default first: a shell that starts a job in the background (CI runners do)
+    # hands it down ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
