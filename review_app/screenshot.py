@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -148,6 +149,24 @@ def _devtools_page(user_data_dir: Path, proc: subprocess.Popen, log: Path, timeo
     raise RuntimeError(f"chromium did not open its DevTools port within {timeout:g} s")
 
 
+def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc``, SIGKILL whatever is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the browser is gone; give its helpers the same chance
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
 def take_screenshot(url: str, output: str | os.PathLike, chromium: str, width: int = 1400, height: int = 1000,
                     wait_s: float = 120.0, settle_s: float = 1.0) -> Path:
     """Open ``url`` in headless Chromium, wait until the Streamlit script has finished (at most
@@ -157,13 +176,16 @@ def take_screenshot(url: str, output: str | os.PathLike, chromium: str, width: i
     after the load event, which virtual time does not wait for, so that picture is an empty page."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="review-shot-") as tmp:
+    # ignore_cleanup_errors: a Chromium helper process may still flush its cache into the profile
+    # for a moment after the group is killed; a leftover temp dir must not fail the screenshot
+    with tempfile.TemporaryDirectory(prefix="review-shot-", ignore_cleanup_errors=True) as tmp:
         profile = Path(tmp) / "profile"
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                f"--window-size={width},{height}", "about:blank"]
         log = Path(tmp) / "chromium.log"  # a file, not a pipe: nobody reads it while we wait
         with open(log, "wb") as log_fh:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh)
+            # own process group: the renderer/GPU/utility helpers are stopped with the browser
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_fh, start_new_session=True)
         try:
             with DevTools(_devtools_page(profile, proc, log)) as page:
                 page.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
@@ -178,12 +200,7 @@ def take_screenshot(url: str, output: str | os.PathLike, chromium: str, width: i
                 time.sleep(settle_s)  # fonts and the last layout pass
                 data = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise RuntimeError("chromium returned something that is not a PNG")
     fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
