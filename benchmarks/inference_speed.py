@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from benchmarks.openai_client import DEFAULT_TIMEOUT, EndpointError, OpenAIClient, StreamResult
+from benchmarks.openai_client import DEFAULT_TIMEOUT, EndpointError, OpenAIClient, StreamResult, report_command
 from recipes.fileio import atomic_dir, write_json_atomic, write_text_atomic
 
 PERCENTILES = (50, 90, 99)
@@ -485,19 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         targets = make_targets(args.endpoint, args.model, args.label, args.api_key_env)
     except ValueError as e:
         parser.error(str(e))
-    try:
-        run_benchmark(targets, args.prompts, args.output, levels=levels, max_tokens=args.max_tokens,
-                      requests=args.requests, warmup=args.warmup, timeout=args.timeout, retries=args.retries,
-                      tokenizer_dir=args.tokenizer, token_source=args.token_count, limit=args.limit,
-                      overwrite=args.overwrite, progress=not args.no_progress)
-    except EndpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(args.output, "results.md").read_text(encoding="utf-8"))
-    return 0
+    return report_command(lambda: run_benchmark(
+        targets, args.prompts, args.output, levels=levels, max_tokens=args.max_tokens, requests=args.requests,
+        warmup=args.warmup, timeout=args.timeout, retries=args.retries, tokenizer_dir=args.tokenizer,
+        token_source=args.token_count, limit=args.limit, overwrite=args.overwrite,
+        progress=not args.no_progress), args.output)
 
 
 if __name__ == "__main__":

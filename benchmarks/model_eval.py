@@ -58,7 +58,7 @@ from typing import Sequence
 
 from benchmarks.bleu import DEFAULT_TOKENIZE, corpus_score
 from benchmarks.openai_client import (DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, EndpointError,
-                                      OpenAIClient)
+                                      OpenAIClient, report_command)
 from recipes.fileio import iter_jsonl, write_json_atomic, write_text_atomic
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names become file names
@@ -817,23 +817,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        evaluate(args.data, args.output, endpoints, locals_, max_tokens=args.max_tokens,
-                          concurrency=args.concurrency, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                          baseline=args.baseline, bootstrap=args.bootstrap, limit=args.limit, n_examples=args.examples,
-                          batch_size=args.batch_size, tokenize=args.tokenize, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+        return report_command(lambda: evaluate(
+            args.data, args.output, endpoints, locals_, max_tokens=args.max_tokens, concurrency=args.concurrency,
+            timeout=args.timeout, retries=args.retries, backoff=args.backoff, baseline=args.baseline,
+            bootstrap=args.bootstrap, limit=args.limit, n_examples=args.examples, batch_size=args.batch_size,
+            tokenize=args.tokenize, overwrite=args.overwrite, progress=not args.no_progress), args.output)
     except KeyboardInterrupt:
         print(f"interrupted: finished items are cached in {Path(args.output) / 'cache'}; rerun the same command "
               "to resume", file=sys.stderr)
         return 130
-    except EndpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(args.output, "results.md").read_text(encoding="utf-8"))
-    return 0
 
 
 if __name__ == "__main__":

@@ -451,3 +451,20 @@ def _error_message(data: Any) -> str:
 def _excerpt(text: str, n: int = _BODY_EXCERPT) -> str:
     text = text.strip().replace("\n", "\\n")
     return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def report_command(call, output) -> int:
+    """The tail of an endpoint command's ``main()``: run ``call`` (which writes ``output/results.md``) and
+    print that report (exit 0); an endpoint that failed after its retries exits 1, bad input 2."""
+    import sys
+    from pathlib import Path
+    try:
+        call()
+    except EndpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(Path(output, "results.md").read_text(encoding="utf-8"))
+    return 0
