@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from benchmarks.serve import free_port
 from review_app.__main__ import app_environment, streamlit_command
 from review_app.settings import Settings, add_arguments, from_args
 
@@ -49,12 +49,6 @@ def find_chromium(explicit: str | None = None) -> str | None:
         if found:
             return found
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_size(path: str | os.PathLike) -> tuple[int, int]:

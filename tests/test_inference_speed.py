@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -20,13 +19,8 @@ from fault_server import FaultServer  # noqa: E402
 from benchmarks.inference_speed import (RequestRecord, count_tokens, distribution, main, make_targets,  # noqa: E402
                                         parse_levels, percentile, ratios, run_benchmark, summarize_level)
 from benchmarks.openai_client import EndpointError, OpenAIClient, StreamResult  # noqa: E402
+from benchmarks.serve import free_port  # noqa: E402
 from recipes.prompt import build_messages  # noqa: E402
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 DRAFT = "国内株式市場は、金融政策をめぐる不透明感から、当面は値動きの大きい展開が続くと予想する。"
 

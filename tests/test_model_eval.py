@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from benchmarks.model_eval import (Example, ResultCache, char_diff, diff_markup,
                                    load_examples, main, parse_endpoint_spec, parse_local_spec,
                                    paired_bootstrap, request_key, score_models)
 from benchmarks.openai_client import EndpointError, OpenAIClient, backoff_delay, normalize_base_url  # noqa: E402
+from benchmarks.serve import free_port  # noqa: E402
 from recipes.prompt import SYSTEM_PROMPT, build_messages  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +50,6 @@ def write_hf(path: Path, pairs=PAIRS) -> Path:
                      "fund": fund})
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MSGS = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "対象月: 2024-05\n\n下書き:\n上昇した。"}]

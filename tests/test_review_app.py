@@ -11,7 +11,8 @@ import pytest
 
 from recipes.data import normalize_text
 from recipes.prompt import PROMPT_VERSION, build_messages
-from review_app.screenshot import find_chromium, free_port, png_size, screenshot
+from benchmarks.serve import free_port
+from review_app.screenshot import find_chromium, png_size, screenshot
 from review_app.settings import ENV, Settings, add_arguments, from_args
 from review_app.store import Review, ReviewStore
 
