@@ -362,10 +362,6 @@ def split_by_month(records: list[Record], test_months: int = 1, val_months: int 
 # Writing
 
 
-# write_atomic: the project-wide atomic writer (recipes.fileio), re-exported under its old name here
-write_atomic = write_text_atomic
-
-
 def _jsonl(objs: list[dict]) -> str:
     return "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs)
 
@@ -485,15 +481,15 @@ def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_di
                 full = tokenize_pair(tok, prompt, r.final, 10**9)  # untruncated length for percentiles
                 tot_tokens.append(full.prompt_tokens + full.completion_tokens)
                 chars.append(len(prompt) + len(r.final))
-            write_atomic(tmp / f"{split}.jsonl", _jsonl(nemo))
-            write_atomic(tmp / "hf" / f"{split}.jsonl", _jsonl(hf))
+            write_text_atomic(tmp / f"{split}.jsonl", _jsonl(nemo))
+            write_text_atomic(tmp / "hf" / f"{split}.jsonl", _jsonl(hf))
             stats["rows"][split] = len(recs)
             stats["months"][split] = sorted({r.date for r in recs})
             stats["tokens"][split] = {"prompt": p_tok, "completion": c_tok}
             stats["truncated"][split] = trunc
             stats["lengths"][split] = {"tokens": percentiles(tot_tokens), "chars": percentiles(chars),
                                        "final_chars": percentiles([len(r.final) for r in recs])}
-        write_atomic(tmp / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+        write_text_atomic(tmp / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
         if out.exists():  # checked above: empty, or a previous prepared dataset with overwrite
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "d")
