@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
+
 from benchmarks.openai_client import DEFAULT_TIMEOUT, EndpointError, OpenAIClient, StreamResult, report_command
 from recipes.fileio import atomic_dir, write_json_atomic, write_text_atomic
 
@@ -59,27 +61,13 @@ TOKEN_SOURCES = ("usage", "tokenizer", "chunks")
 # statistics
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default
-    method); None for no values."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"q={q}: percentile must be within 0..100")
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def distribution(values: Sequence[float]) -> dict:
-    """mean and p50/p90/p99 of ``values`` (all None when empty)."""
+    """mean and p50/p90/p99 of ``values`` (``numpy.percentile``, linear interpolation: numpy's
+    default); all None when empty."""
     vals = list(values)
-    out = {"mean": sum(vals) / len(vals) if vals else None, "n": len(vals)}
-    for q in PERCENTILES:
-        out[f"p{q}"] = percentile(vals, q)
-    return out
+    qs = np.percentile(vals, PERCENTILES).tolist() if vals else [None] * len(PERCENTILES)
+    return {"mean": sum(vals) / len(vals) if vals else None, "n": len(vals),
+            **{f"p{q}": v for q, v in zip(PERCENTILES, qs)}}
 
 
 @dataclass

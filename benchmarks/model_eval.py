@@ -43,7 +43,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # --local never downloads
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import difflib
 import hashlib
 import html
 import json
@@ -60,6 +59,7 @@ from benchmarks.bleu import DEFAULT_TOKENIZE, corpus_score
 from benchmarks.openai_client import (DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, EndpointError,
                                       OpenAIClient, report_command)
 from recipes.fileio import iter_jsonl, write_json_atomic, write_text_atomic
+from recipes.textdiff import DELETE, EQUAL, INSERT, char_diff
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names become file names
 RAW_SUFFIXES = (".csv", ".xlsx")
@@ -540,28 +540,14 @@ def score_models(predictions: dict[str, list[str]], examples: list[Example], *, 
 # reports
 
 
-def char_diff(reference: str, prediction: str) -> list[tuple[str, str]]:
-    """Character-level diff as ``(op, text)`` runs, op in equal/delete/insert: ``delete`` is text of
-    the reference the prediction lacks, ``insert`` text the prediction adds. Characters, not words:
-    Japanese has no spaces."""
-    sm = difflib.SequenceMatcher(a=reference, b=prediction, autojunk=False)
-    runs: list[tuple[str, str]] = []
-    for op, i1, i2, j1, j2 in sm.get_opcodes():
-        if op == "equal":
-            runs.append(("equal", reference[i1:i2]))
-            continue
-        if op in ("delete", "replace"):
-            runs.append(("delete", reference[i1:i2]))
-        if op in ("insert", "replace"):
-            runs.append(("insert", prediction[j1:j2]))
-    return runs
-
-
 def diff_markup(reference: str, prediction: str) -> str:
     """One line of HTML for Markdown: ``<del>`` what the prediction drops, ``<ins>`` what it adds,
-    newlines as ``<br>`` (so the markup never spans a Markdown block)."""
-    tags = {"equal": "{}", "delete": "<del>{}</del>", "insert": "<ins>{}</ins>"}
-    return "".join(tags[op].format(_html_line(text)) for op, text in char_diff(reference, prediction))
+    newlines as ``<br>`` (so the markup never spans a Markdown block). The character diff is
+    ``recipes.textdiff.char_diff`` with SequenceMatcher's own alignment of the whole texts
+    (``merge_short=0, trim_ends=False``), as examples.md has always shown it."""
+    tags = {EQUAL: "{}", DELETE: "<del>{}</del>", INSERT: "<ins>{}</ins>"}
+    return "".join(tags[op].format(_html_line(text))
+                   for op, text in char_diff(reference, prediction, merge_short=0, trim_ends=False))
 
 
 def _html_line(text: str) -> str:

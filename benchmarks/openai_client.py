@@ -24,9 +24,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+
+from recipes.cli import run_command
 
 DEFAULT_TIMEOUT = 120.0  # seconds per request, whole answer included
 DEFAULT_RETRIES = 3
@@ -454,17 +457,8 @@ def _excerpt(text: str, n: int = _BODY_EXCERPT) -> str:
 
 
 def report_command(call, output) -> int:
-    """The tail of an endpoint command's ``main()``: run ``call`` (which writes ``output/results.md``) and
-    print that report (exit 0); an endpoint that failed after its retries exits 1, bad input 2."""
-    import sys
-    from pathlib import Path
-    try:
-        call()
-    except EndpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(output, "results.md").read_text(encoding="utf-8"))
-    return 0
+    """The tail of an endpoint command's ``main()`` (``recipes.cli.run_command``): run ``call`` (which
+    writes ``output/results.md``) and print that report (exit 0); an endpoint that failed after its
+    retries exits 1, bad input 2."""
+    return run_command(call, (EndpointError,), bad_input=(ValueError, FileNotFoundError, FileExistsError),
+                       show=lambda _: Path(output, "results.md").read_text(encoding="utf-8"))

@@ -4,7 +4,7 @@
 
 Each RUN_DIR is a ``recipes.finetune`` output dir (resolved_config.yaml, metrics.jsonl; samples.jsonl
 and bench_run.json when it ran under ``benchmarks.train_speed``). The runs must be comparable
-(:func:`benchmarks.train_speed.compare_runs`: same resolved hyperparameters, data, model, GPUs);
+(:func:`benchmarks.runs.compare_runs`: same resolved hyperparameters, data, model, GPUs);
 otherwise the report is refused and the differences printed, unless ``--allow-mismatch``.
 
 What the report shows, per backend, over the steps after the first ``train.warmup_steps_excluded``
@@ -34,8 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from benchmarks.flops import FlopsModel, flops_model, matmul_params, model_shape, peak_tflops
-from benchmarks.train_speed import RunsDiffer, Run, _run_data, compare_runs, load_run
+from benchmarks.runs import Run, RunsDiffer, compare_runs, load_run, run_data_fingerprint
 from recipes.fileio import write_text_atomic
 
 COLORS = {"hf": "tab:orange", "nemo": "tab:green"}
@@ -81,13 +83,8 @@ ANCHORS: tuple[dict, ...] = (
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """``numpy.percentile`` (linear interpolation, numpy's default), q in [0, 100]; nan for no values."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def median(xs: list[float]) -> float:
@@ -269,7 +266,7 @@ def summarize(runs: list[Run], warmup: Optional[int] = None) -> dict:
     out = {"hardware": hw, "cpu": cpu, "devices": devices, "warmup": k,
            "warmup_source": "--warmup" if warmup is not None else "train.warmup_steps_excluded",
            "peak_tflops": peak, "flops": fm.to_dict() if fm else None, "params": params, "flops_note": flops_note,
-           "runs": stats, "config": cfg, "data": {r.backend: _run_data(r)[1] for r in runs}}
+           "runs": stats, "config": cfg, "data": {r.backend: run_data_fingerprint(r)[1] for r in runs}}
     by = {s["backend"]: s for s in stats}
     if set(by) >= {"hf", "nemo"} and len(stats) == len(by):
         hf, nemo = by["hf"], by["nemo"]
@@ -581,7 +578,7 @@ def render_markdown(summary: dict, plots: list[str], diff_notes: list[str], run_
 def build_report(runs: list[Run | str | Path], out_dir: str | Path, warmup: Optional[int] = None,
                  allow_mismatch: bool = False) -> Path:
     """Write report.md, the PNGs and summary.json into ``out_dir``; returns report.md's path.
-    Raises :class:`benchmarks.train_speed.RunsDiffer` for incomparable runs unless ``allow_mismatch``."""
+    Raises :class:`benchmarks.runs.RunsDiffer` for incomparable runs unless ``allow_mismatch``."""
     runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
     if not runs:
         raise ValueError("no runs to report")

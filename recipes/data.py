@@ -2,10 +2,12 @@
 
 ``prepare(input_path, output_dir, tokenizer_dir, ...)`` reads the file, validates every row
 (all problems are collected and raised together as one :class:`DataError`, each line
-``FILE:ROW: field 'X': message``), normalises the text (:func:`normalize_text`), drops exact
+``FILE:ROW: field 'X': message``), normalises the text (``recipes.schema.normalize_text``; the
+sections, their synonyms and the month forms are recipes.schema's too), drops exact
 duplicates, splits by month (latest months -> test, the months before -> validation, the rest ->
 training, so no fund+month appears in two splits), renders each prompt with the target model's
-chat template (recipes.prompt) and writes, into a temp dir that is renamed at the end:
+chat template (recipes.prompt) and writes, into a temp dir that replaces the output at the end
+(``recipes.fileio.atomic_dir``):
 
     training.jsonl validation.jsonl test.jsonl   NeMo FineTuningDataModule records
         {"input": PROMPT, "output": FINAL, "id", "date", "section", "fund"}
@@ -13,9 +15,10 @@ chat template (recipes.prompt) and writes, into a temp dir that is renamed at th
         {"prompt": [system, user], "completion": [assistant], "id", "date", "section", "fund"}
     stats.json                                   rows, months, tokens, length percentiles, truncation
 
-:func:`prepare_from_db` does the same for the reviews saved by the review app (review_app.store,
-a SQLAlchemy URL): saved edits become the next training set; problems name the table, record id
-and column. The file formats and the normalisation rules are documented in datasets/README.md; the
+:func:`prepare_rows` does the same for rows that do not come from a file: the reviews the review
+app saved (``recipes.prepare_data.prepare_from_db`` reads them with review_app.store and hands them
+over; this module imports nothing of the review app); problems name the table, record id and
+column. The file formats and the normalisation rules are documented in datasets/README.md; the
 command line is recipes/prepare_data.py. This module owns the prepared format: :func:`read_prepared`
 reads it back.
 """
@@ -26,32 +29,19 @@ import datetime as dt
 import hashlib
 import io
 import json
-import math
 import os
-import re
-import shutil
-import tempfile
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from recipes.fileio import write_text_atomic
+from recipes.fileio import atomic_dir, write_text_atomic
 from recipes.prompt import PROMPT_VERSION, build_messages, render_prompt
+from recipes.schema import DATE_HELP, SECTIONS, canonical_section, normalize_text, parse_month
 from recipes.tokens import tokenize_pair
 
 REQUIRED = ("date", "section", "draft", "final")
 OPTIONAL = ("fund", "manager")
-SECTIONS = ("市場動向", "運用状況", "今後の見通しと運用方針")
 SPLITS = ("training", "validation", "test")
-
-# Headings external managers use for the same section (compared after _section_key).
-SECTION_SYNONYMS = {
-    "市場動向": ["市場概況", "市場環境", "市況", "マーケット動向", "マーケットレビュー", "market review", "market"],
-    "運用状況": ["運用経過", "ファンドの運用状況", "運用実績", "ポートフォリオの状況", "performance review",
-             "performance"],
-    "今後の見通しと運用方針": ["今後の見通し", "今後の運用方針", "運用方針", "見通し", "今後の方針",
-                      "今後の見通しおよび運用方針", "今後の見通し及び運用方針", "outlook", "outlook & strategy"],
-}
 
 
 class DataError(ValueError):
@@ -60,81 +50,6 @@ class DataError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         super().__init__(f"{len(self.errors)} data error(s):\n" + "\n".join(self.errors))
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation
-
-_ZERO_WIDTH = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
-_HALF_KANA = re.compile(r"[\uff61-\uff9f]+")  # half-width katakana and ｡｢｣､･ punctuation
-_FULL_ALNUM = re.compile(r"[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a]")  # ０-９ Ａ-Ｚ ａ-ｚ
-_NUM_SEP = re.compile(r"(?<=[0-9])[\uff0e\uff0c](?=[0-9])")  # ．，inside a number (after digits map)
-
-
-def normalize_text(s: str) -> str:
-    """Make text encoding-clean without restyling it. Exactly these changes, nothing else:
-
-    1. line endings CRLF / CR -> LF; tab -> space;
-    2. control characters (except LF) and zero-width / format characters (ZWSP, ZWJ, ZWNJ, word
-       joiner, BOM, soft hyphen, other Unicode category Cf) are removed;
-    3. half-width katakana (U+FF61-FF9F, with its ｡｢｣､･) -> full-width (NFKC on that range only, so
-       ｶﾞ becomes ガ);
-    4. full-width ASCII letters and digits (Ａ-Ｚ ａ-ｚ ０-９) -> half-width, and a full-width ．or ，
-       between two digits (a decimal point / thousands separator) -> . / ,;
-    5. runs of ASCII spaces -> one space; spaces at line ends and the text's ends are trimmed.
-
-    Everything else is kept as written: 「」（）、。・①㈱％＋－ full-width punctuation, full-width
-    spaces inside the text, アメリカ/米国, です/である. Turning a draft into house style is the
-    model's job, so the normaliser must not do part of the rewrite; for every input
-    ``NFKC(normalize_text(s)) == NFKC(s)`` up to rules 1, 2 and 5.
-    """
-    s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
-    s = "".join(c for c in s if c == "\n" or not (
-        c in _ZERO_WIDTH or unicodedata.category(c) in ("Cc", "Cf")))
-    s = _HALF_KANA.sub(lambda m: unicodedata.normalize("NFKC", m.group()), s)
-    s = _FULL_ALNUM.sub(lambda m: chr(ord(m.group()) - 0xFEE0), s)
-    s = _NUM_SEP.sub(lambda m: chr(ord(m.group()) - 0xFEE0), s)
-    s = re.sub(r" {2,}", " ", s)
-    s = "\n".join(line.rstrip(" ") for line in s.split("\n"))
-    return s.strip()
-
-
-def _section_key(s: str) -> str:
-    """Heading as compared for synonyms: NFKC, lower case, no brackets/markers/numbering/spaces."""
-    s = unicodedata.normalize("NFKC", s).lower().strip()
-    s = re.sub(r"^(\d+[.)]|[■□●◆・\-])\s*", "", s)
-    return re.sub(r"[\s【】\[\]<>＜＞〈〉《》()]", "", s)
-
-
-_SECTION_LOOKUP = {_section_key(k): k for k in SECTIONS}
-_SECTION_LOOKUP.update({_section_key(v): k for k, vs in SECTION_SYNONYMS.items() for v in vs})
-
-
-def canonical_section(s: str) -> str | None:
-    """The canonical heading for ``s`` (itself or a synonym), or None if unknown."""
-    return _SECTION_LOOKUP.get(_section_key(s))
-
-
-_DATE_FORMS = [re.compile(p) for p in (r"(\d{4})[-/](\d{1,2})", r"(\d{4})[-/](\d{1,2})[-/](\d{1,2})",
-                                         r"(\d{4})年(\d{1,2})月", r"(\d{4})年(\d{1,2})月(\d{1,2})日")]
-DATE_HELP = "expected YYYY-MM, YYYY/MM, YYYY-MM-DD, YYYY/MM/DD or YYYY年M月"
-
-
-def parse_month(value) -> str | None:
-    """'YYYY-MM' for a month or a day in that month (the report date); None if not a date."""
-    if isinstance(value, (dt.date, dt.datetime)):  # an XLSX date cell
-        return f"{value.year:04d}-{value.month:02d}"
-    s = unicodedata.normalize("NFKC", str(value)).strip()
-    for pat in _DATE_FORMS:
-        m = pat.fullmatch(s)
-        if m:
-            y, mo, *d = (int(g) for g in m.groups())
-            try:
-                dt.date(y, mo, d[0] if d else 1)
-            except ValueError:
-                return None
-            return f"{y:04d}-{mo:02d}" if 1900 <= y <= 2100 else None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,12 +282,13 @@ def _jsonl(objs: list[dict]) -> str:
 
 
 def percentiles(values: list[int | float]) -> dict:
-    """Nearest-rank p50/p90/p99/max (None when empty)."""
-    v = sorted(values)
-    if not v:
+    """Nearest-rank p50/p90/p99/max (None when empty): ``numpy.percentile`` with
+    ``method="inverted_cdf"``, so each figure is one of the values (a length, not an interpolation)."""
+    import numpy as np
+    if not len(values):
         return {"p50": None, "p90": None, "p99": None, "max": None}
-    at = lambda p: v[max(math.ceil(p / 100 * len(v)) - 1, 0)]  # noqa: E731
-    return {"p50": at(50), "p90": at(90), "p99": at(99), "max": v[-1]}
+    p50, p90, p99, top = np.percentile(values, [50, 90, 99, 100], method="inverted_cdf").tolist()
+    return {"p50": p50, "p90": p90, "p99": p99, "max": top}
 
 
 def _check_output(input_path: Path | None, out: Path, overwrite: bool) -> None:
@@ -412,27 +328,26 @@ def prepare(input_path, output_dir, tokenizer_dir, seq_length: int = 512, test_m
     input_path, out = Path(input_path), Path(output_dir)
     _check_output(input_path, out, overwrite)
     records = read_records(input_path)
-    return _prepare_records(records, str(input_path), out, tokenizer_dir, seq_length, test_months, val_months)
+    return _prepare_records(records, str(input_path), out, tokenizer_dir, seq_length, test_months, val_months,
+                            overwrite)
 
 
-def read_db_records(db_url: str) -> list[Record]:
-    """Reviews saved by the review app (review_app.store) as validated Records: the same checks and
-    normalisation as a row of a file; each problem reads ``URL table T id N: field 'X': message``
-    (X is the table's column). Raises DataError listing every problem; nothing is created."""
-    from review_app.store import FIELD_COLUMNS, TABLE, StoreError, export_rows, safe_url
-    where = f"{safe_url(db_url)} table {TABLE}"
+def validate_rows(rows: Iterable[tuple[int, dict]], where: str,
+                  columns: dict[str, str] | None = None) -> list[Record]:
+    """Records of a database table (the reviews saved by the review app, as
+    ``review_app.store.export_rows`` yields them: ``(record id, raw row)``) as validated Records: the
+    same checks and normalisation as a row of a file. Each problem reads ``WHERE id N: field 'X':
+    message``, X renamed by ``columns`` (raw-row field -> the table's column). Raises DataError
+    listing every problem, or ``WHERE: no saved reviews`` when there are no rows."""
     errors: list[str] = []
     records = []
-    try:
-        for rid, raw in export_rows(db_url):
-            rec, errs = _validate(where, rid, raw, loc=f"{where} id {rid}")
-            for field, column in FIELD_COLUMNS.items():  # name the table's column, not the file column
-                errs = [e.replace(f"field '{field}'", f"field '{column}'") for e in errs]
-            errors.extend(errs)
-            if rec:
-                records.append(rec)
-    except StoreError as e:
-        raise DataError([str(e)]) from None
+    for rid, raw in rows:
+        rec, errs = _validate(where, rid, raw, loc=f"{where} id {rid}")
+        for field, column in (columns or {}).items():  # name the source's column, not the file column
+            errs = [e.replace(f"field '{field}'", f"field '{column}'") for e in errs]
+        errors.extend(errs)
+        if rec:
+            records.append(rec)
     if not errors and not records:
         errors.append(f"{where}: no saved reviews")
     if errors:
@@ -440,29 +355,30 @@ def read_db_records(db_url: str) -> list[Record]:
     return records
 
 
-def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 512, test_months: int = 1,
-                    val_months: int = 1, overwrite: bool = False) -> dict:
-    """:func:`prepare` for the reviews saved in a database (``sqlite:///runs/review.db``,
-    ``snowflake://...``): the saved drafts and edited finals become the next training set, through
-    the same validation, normalisation, dedupe, time split and output format."""
-    from review_app.store import safe_url, sqlite_path
+def prepare_rows(rows: Iterable[tuple[int, dict]], output_dir, tokenizer_dir, seq_length: int = 512,
+                 test_months: int = 1, val_months: int = 1, overwrite: bool = False, *, where: str, source: str,
+                 columns: dict[str, str] | None = None, input_path: str | os.PathLike | None = None) -> dict:
+    """:func:`prepare` for rows that do not come from a file: ``rows``, ``where`` and ``columns`` as
+    for :func:`validate_rows`; ``source`` names the input in stats.json and in the split errors;
+    ``input_path`` is the file the rows live in, if any (a SQLite database), which the output may
+    not contain or replace. The output directory is checked before the first row is read.
+    ``recipes.prepare_data.prepare_from_db`` feeds it the review app's saved reviews."""
     out = Path(output_dir)
-    _check_output(sqlite_path(db_url), out, overwrite)
-    records = read_db_records(db_url)
-    return _prepare_records(records, safe_url(db_url), out, tokenizer_dir, seq_length, test_months, val_months)
+    _check_output(None if input_path is None else Path(input_path), out, overwrite)
+    records = validate_rows(rows, where, columns)
+    return _prepare_records(records, source, out, tokenizer_dir, seq_length, test_months, val_months, overwrite)
 
 
 def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_dir, seq_length: int,
-                     test_months: int, val_months: int) -> dict:
-    """Dedupe, split, render and write validated records (``source`` names the input in stats/errors)."""
+                     test_months: int, val_months: int, overwrite: bool) -> dict:
+    """Dedupe, split, render and write validated records (``source`` names the input in stats/errors)
+    into a temp dir beside ``out`` that replaces it at the end (recipes.fileio.atomic_dir)."""
     kept, dropped = dedupe(records)
     splits = split_by_month(kept, test_months, val_months, source=source)
     tok = load_tokenizer(tokenizer_dir)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)  # it becomes the output directory
-    try:
+    # checked by _check_output before: empty, missing, or a previous prepared dataset with overwrite
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         stats = {"prompt_version": PROMPT_VERSION, "input": source, "tokenizer": str(tokenizer_dir),
                  "seq_length": seq_length, "rows_read": len(records), "duplicates_dropped": dropped,
                  "test_months": test_months, "val_months": val_months,
@@ -490,16 +406,6 @@ def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_di
             stats["lengths"][split] = {"tokens": percentiles(tot_tokens), "chars": percentiles(chars),
                                        "final_chars": percentiles([len(r.final) for r in recs])}
         write_text_atomic(tmp / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
-        if out.exists():  # checked above: empty, or a previous prepared dataset with overwrite
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 

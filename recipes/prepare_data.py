@@ -7,7 +7,8 @@
 
 ``--from-db`` reads the reviews saved by the review app (python -m review_app) from a SQLAlchemy
 URL (SQLite file, snowflake://...) instead of a file; each saved draft with its edited final is one
-row, checked, normalised and split exactly like a file row (errors name the table, id and column).
+row, checked, normalised and split exactly like a file row (errors name the table, id and column):
+:func:`prepare_from_db` reads them with review_app.store and hands them to ``recipes.data.prepare_rows``.
 
 Exit status 0 on success, 2 when the input has errors (every bad row is printed as
 ``FILE:ROW: field 'X': message``) or the output directory is unsafe to write; nothing is written then.
@@ -18,7 +19,23 @@ import argparse
 import json
 import sys
 
-from recipes.data import DataError, prepare, prepare_from_db
+from recipes.data import DataError, prepare, prepare_rows
+
+
+def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 512, test_months: int = 1,
+                    val_months: int = 1, overwrite: bool = False) -> dict:
+    """``recipes.data.prepare`` for the reviews saved in a database (``sqlite:///runs/review.db``,
+    ``snowflake://...``): the saved drafts and edited finals become the next training set, through
+    the same validation, normalisation, dedupe, time split and output format. Each problem reads
+    ``URL table T id N: field 'X': message`` (X is the table's column); a database that cannot be
+    read is a DataError too. Nothing is created in the database."""
+    from review_app.store import FIELD_COLUMNS, TABLE, StoreError, export_rows, safe_url, sqlite_path
+    try:
+        return prepare_rows(export_rows(db_url), output_dir, tokenizer_dir, seq_length, test_months, val_months,
+                            overwrite, where=f"{safe_url(db_url)} table {TABLE}", source=safe_url(db_url),
+                            columns=FIELD_COLUMNS, input_path=sqlite_path(db_url))
+    except StoreError as e:  # raised while the rows are read
+        raise DataError([str(e)]) from None
 
 
 def main(argv: list[str] | None = None) -> int:

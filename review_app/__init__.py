@@ -7,7 +7,8 @@
 - ``llm.py``        the model call through LangChain (ChatOpenAI for any OpenAI-compatible server:
                     NIM, vLLM, llama.cpp; ChatNVIDIA optionally), prompts from recipes.prompt
 - ``store.py``      saved reviews through SQLAlchemy (SQLite file by default, Snowflake by URL)
-- ``diff.py``       character-level diffs rendered as HTML (Japanese has no spaces to diff words on)
+- ``diff.py``       character-level diffs (recipes.textdiff) rendered as HTML (Japanese has no spaces to
+                    diff words on)
 - ``settings.py``   settings from the command line / environment
 - ``screenshot.py`` a PNG of the running page with headless Chromium
 

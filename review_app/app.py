@@ -23,9 +23,10 @@ if __package__ in (None, ""):  # `streamlit run review_app/app.py` puts only rev
 
 import streamlit as st  # noqa: E402
 
-from recipes.data import SECTIONS, normalize_text, parse_month  # noqa: E402
+from recipes.schema import SECTIONS, normalize_text, parse_month  # noqa: E402
+from recipes.textdiff import char_diff, diff_counts  # noqa: E402
 from review_app import llm  # noqa: E402
-from review_app.diff import char_diff, diff_counts, ops_html  # noqa: E402
+from review_app.diff import ops_html  # noqa: E402
 from review_app.settings import Settings  # noqa: E402
 from review_app.store import Review, ReviewStore, safe_url  # noqa: E402
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from recipes.data import normalize_text
+from recipes.schema import normalize_text
 from recipes.prompt import PROMPT_VERSION, build_messages
 from review_app.settings import Settings
 

@@ -11,7 +11,8 @@ prompt version (recipes.prompt.PROMPT_VERSION), the user and the UTC time of sav
 
 This module owns the table, so it also reads it back for training: :func:`export_rows` yields the
 saved reviews in the raw-row form recipes/data.py validates (``python -m recipes.prepare_data
---from-db URL``).
+--from-db URL``: recipes.prepare_data.prepare_from_db hands them to recipes.data). A review's
+section and month are checked by recipes.schema's rules, the ones training rows are checked by.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from sqlalchemy import (Column, DateTime, Integer, MetaData, Sequence, String, T
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from recipes.data import SECTIONS, parse_month
 from recipes.prompt import PROMPT_VERSION
+from recipes.schema import SECTIONS, parse_month
 
 SCHEMA_VERSION = 1
 TABLE = "review_comments"

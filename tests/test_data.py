@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from recipes import prepare_data
-from recipes.data import (DataError, canonical_section, normalize_text, parse_month, prepare,
-                          read_prepared, read_records)
+from recipes.data import DataError, prepare, read_prepared, read_records
 from recipes.prompt import build_messages, render_prompt
+from recipes.schema import canonical_section, normalize_text, parse_month
 from recipes.synth_data import generate_pairs, write_rows
 from recipes.tokens import tokenize_pair
 

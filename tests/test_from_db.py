@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import insert
 
 from recipes import prepare_data
-from recipes.data import DataError, prepare_from_db, read_prepared
+from recipes.data import DataError, read_prepared
+from recipes.prepare_data import prepare_from_db
 from recipes.prompt import build_messages, render_prompt
 from review_app.store import Review, ReviewStore, export_rows, reviews
 

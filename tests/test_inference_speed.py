@@ -11,13 +11,14 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_server import FaultServer  # noqa: E402
 
 from benchmarks.inference_speed import (RequestRecord, count_tokens, distribution, main, make_targets,  # noqa: E402
-                                        parse_levels, percentile, ratios, run_benchmark, summarize_level)
+                                        parse_levels, ratios, run_benchmark, summarize_level)
 from benchmarks.openai_client import EndpointError, OpenAIClient, StreamResult  # noqa: E402
 from benchmarks.serve import free_port  # noqa: E402
 from recipes.prompt import build_messages  # noqa: E402
@@ -38,17 +39,16 @@ def write_prompts(path: Path, n: int = 3) -> Path:
 # maths
 
 
-def test_percentile_matches_numpy_linear():
-    np = pytest.importorskip("numpy")
+def test_distribution_percentiles_are_numpy_linear():
     rng = random.Random(0)
     for n in (1, 2, 3, 10, 101):
         xs = [rng.uniform(0, 5) for _ in range(n)]
-        for q in (0, 1, 50, 90, 99, 100):
-            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12, abs=1e-12)
-    assert percentile([], 50) is None
-    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5  # interpolated, and the input need not be sorted
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
+        d = distribution(xs)
+        assert [d[f"p{q}"] for q in (50, 90, 99)] == pytest.approx([float(np.percentile(xs, q)) for q in (50, 90, 99)],
+                                                                    rel=1e-12, abs=1e-12)
+        assert all(type(d[f"p{q}"]) is float for q in (50, 90, 99))  # plain floats for results.json
+    assert distribution([]) == {"mean": None, "n": 0, "p50": None, "p90": None, "p99": None}
+    assert distribution([3.0, 1.0, 2.0, 4.0])["p50"] == 2.5  # interpolated, and the input need not be sorted
     d = distribution([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (d["mean"], d["p50"], d["p90"], d["n"]) == (3.0, 3.0, pytest.approx(4.6), 5)
 

@@ -20,12 +20,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_server import FaultServer  # noqa: E402
 
-from benchmarks.model_eval import (Example, ResultCache, char_diff, diff_markup, evaluate,  # noqa: E402
+from benchmarks.model_eval import (Example, ResultCache, diff_markup, evaluate,  # noqa: E402
                                    load_examples, main, parse_endpoint_spec, parse_local_spec,
                                    paired_bootstrap, request_key, score_models)
 from benchmarks.openai_client import EndpointError, OpenAIClient, backoff_delay, normalize_base_url  # noqa: E402
 from benchmarks.serve import free_port  # noqa: E402
 from recipes.prompt import SYSTEM_PROMPT, build_messages  # noqa: E402
+from recipes.textdiff import char_diff  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,10 +159,10 @@ def test_request_key_changes_with_anything_that_changes_the_answer():
 
 def test_char_diff_rebuilds_both_texts_and_marks_japanese_edits():
     ref, hyp = "上昇しました。\n今後も注視します。", "上昇した。\n今後も注視します!"
-    runs = char_diff(ref, hyp)
+    runs = char_diff(ref, hyp, merge_short=0, trim_ends=False)  # the diff examples.md shows (diff_markup)
     assert "".join(t for op, t in runs if op != "insert") == ref
     assert "".join(t for op, t in runs if op != "delete") == hyp
-    assert ("delete", "しま") in runs
+    assert ("delete", "しま") in runs and "上昇<del>しま</del>した。" in diff_markup(ref, hyp)
     m = diff_markup("a<b>", "a<c>")
     assert "<del>b</del><ins>c</ins>" in m and "&lt;" in m and "\n" not in diff_markup(ref, hyp)
 

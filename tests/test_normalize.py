@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.data import normalize_text
+from recipes.schema import normalize_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 KEEP = "「」（）①②㈱％、。・：　＋－！？【】"  # must survive unchanged (full-width space included)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.data import normalize_text
 from recipes.prompt import PROMPT_VERSION, build_messages
+from recipes.schema import normalize_text
 from benchmarks.serve import free_port
 from review_app.screenshot import find_chromium, png_size, screenshot
 from review_app.settings import ENV, Settings, add_arguments, from_args

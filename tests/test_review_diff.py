@@ -1,4 +1,5 @@
-"""review_app.diff: character-level diffs of Japanese text and their HTML (escaping, markup)."""
+"""recipes.textdiff and review_app.diff: character-level diffs of Japanese text and their HTML
+(escaping, markup)."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from review_app.diff import DELETE, EQUAL, INSERT, Op, char_diff, diff_counts, diff_html
+from recipes.textdiff import DELETE, EQUAL, INSERT, Op, char_diff, diff_counts
+from review_app.diff import diff_html
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

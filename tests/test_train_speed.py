@@ -1,5 +1,5 @@
-"""benchmarks.train_speed: fingerprints, the refusal to compare unlike runs (on recorded fixtures), the
-command line, and (slow) a real two-backend benchmark of the tiny config."""
+"""benchmarks.runs and benchmarks.train_speed: fingerprints, the refusal to compare unlike runs (on
+recorded fixtures), the command line, and (slow) a real two-backend benchmark of the tiny config."""
 import json
 import shutil
 from pathlib import Path
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.train_speed import (RunsDiffer, check_comparable, compare_runs, data_fingerprint, load_run,
-                                    main, model_fingerprint)
+from benchmarks.runs import (RunsDiffer, check_comparable, compare_runs, data_fingerprint, load_run,
+                             model_fingerprint)
+from benchmarks.train_speed import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/bench/runs"
