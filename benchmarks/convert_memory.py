@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import families
 from recipes.fileio import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,8 @@ def build_random_llama(out: str | Path, size_gb: float, dtype: str = "float32", 
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
     tok = train_tiny_tokenizer(vocab)
     tok.save_pretrained(out)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+    fam = families.get(families.DEFAULT_FAMILY)  # the Llama rows layer_tensors writes
+    config = {"architectures": list(fam.architectures[:1]), "model_type": fam.model_type, "hidden_size": h,
               "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": shape["heads"],
               "num_key_value_heads": shape["kv_heads"], "vocab_size": vocab, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,

@@ -51,7 +51,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-# LoRA targets (NeMo names, recipes.config.NEMO_LORA_TARGETS) -> (in, out) in terms of the HF config.
+import families
+from families.spec import DecoderShape
+
+# LoRA targets (NeMo names, families.spec.NEMO_LORA_TARGETS) -> (in, out) in terms of the HF config.
 _LORA_SHAPES = {
     "linear_qkv": lambda h, q, kv, f: (h, q + 2 * kv),
     "linear_proj": lambda h, q, kv, f: (q, h),
@@ -74,47 +77,20 @@ PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a decoder that the FLOPs formula needs (from an HF config.json)."""
-
-    hidden: int
-    ffn: int
-    layers: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied_embeddings: bool
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
+# The shape the formula needs: the family's shape reader's (one reader for FLOPs and memory).
+ModelShape = DecoderShape
 
 
 def model_shape(hf_config: dict | str | Path) -> ModelShape:
-    """:class:`ModelShape` of an HF Llama/Qwen2 config (a dict, a config.json, or a model dir)."""
+    """:class:`ModelShape` of an HF decoder config of any registered family (a dict, a config.json,
+    or a model dir), read by the family (``families.ModelFamily.shape``)."""
     where = "<config>"
     if not isinstance(hf_config, dict):
         p = Path(hf_config)
         p = p / "config.json" if p.is_dir() else p
         where = str(p)
         hf_config = json.loads(p.read_text(encoding="utf-8"))
-    c = hf_config
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
-                           "num_attention_heads") if k not in c]
-    if missing:
-        raise ValueError(f"{where}: HF config lacks {', '.join(missing)} (not a Llama/Qwen2-style decoder?)")
-    heads = int(c["num_attention_heads"])
-    return ModelShape(hidden=int(c["hidden_size"]), ffn=int(c["intermediate_size"]),
-                      layers=int(c["num_hidden_layers"]), vocab=int(c["vocab_size"]), heads=heads,
-                      kv_heads=int(c.get("num_key_value_heads") or heads),
-                      head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
-                      tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+    return families.for_hf(hf_config, where).shape(hf_config, where)
 
 
 def matmul_params(shape: ModelShape) -> dict[str, int]:

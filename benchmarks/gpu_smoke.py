@@ -40,8 +40,9 @@ METHODS = ("lora", "sft")
 
 def smoke_architecture(layers: int):
     """The shape :func:`build_command` builds, as a recipes.memory.Architecture (for the estimate)."""
+    import families
     from recipes.memory import Architecture
-    return Architecture("gpu_smoke_8b", "llama", num_layers=layers, hidden_size=SHAPE_8B["hidden"],
+    return Architecture("gpu_smoke_8b", families.DEFAULT_FAMILY, num_layers=layers, hidden_size=SHAPE_8B["hidden"],
                         num_attention_heads=SHAPE_8B["heads"], num_query_groups=SHAPE_8B["kv_heads"],
                         ffn_hidden_size=SHAPE_8B["ffn"], vocab_size=SMOKE_VOCAB, tie_embeddings=False,
                         rope_theta=10000.0, max_position_embeddings=4096)

@@ -19,16 +19,14 @@ from recipes.fileio import atomic_dir
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model.model.layers"
-# HF projection -> its parent module inside a decoder layer
-HF_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def lora_key(layer: int, proj: str, which: str) -> str:
-    """PEFT tensor name, e.g. lora_key(0, "q_proj", "A")."""
+def lora_key(layer: int, module_path: str, which: str) -> str:
+    """PEFT tensor name of a module inside a decoder layer, e.g. lora_key(0, "self_attn.q_proj", "A")
+    (the paths are the family's: ``families.ModelFamily.lora_modules``)."""
     if which not in ("A", "B"):
         raise ValueError(f"which must be 'A' or 'B', got {which!r}")
-    return f"{KEY_PREFIX}.{layer}.{HF_PARENT[proj]}.{proj}.lora_{which}.weight"
+    return f"{KEY_PREFIX}.{layer}.{module_path}.lora_{which}.weight"
 
 
 def adapter_config(*, r: int, alpha: float, dropout: float, target_modules: list[str],

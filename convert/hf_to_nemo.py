@@ -13,7 +13,7 @@ The output is what NeMo 2.1's importer (``llm.import_ckpt``) writes and what NeM
   chunk with :class:`convert.nemo_ckpt.DistCheckpointWriter`;
 * ``conversion.json`` — source, family, tensor count, bytes, seconds.
 
-Tensors keep their dtype and values bit for bit (the row table is :mod:`convert.mapping`). HF
+Tensors keep their dtype and values bit for bit (the row table is the family's, :mod:`families`). HF
 tensors are read straight from the safetensors files with ``readinto`` (:class:`SafetensorsReader`):
 safetensors' own ``safe_open`` memory-maps whole shards, and touched mmap pages count in RSS, so
 peak memory here is one layer's tensors above the interpreter. Everything is checked before the
@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from convert import mapping, run_json_command
+import families
+from convert import run_json_command
+from families.spec import AttentionShape, ModelFamily, ParamMapping, UnsupportedModelError, dtype_kwargs
 from convert.nemo_ckpt import DistCheckpointWriter
 from recipes.fileio import atomic_dir
 
@@ -142,10 +144,6 @@ class SafetensorsReader:
                 if k not in self.entries or self.entries[k].file.name != fname:
                     raise ConversionError(f"{index}: tensor {k!r} is mapped to {fname} but is not in that file")
 
-    @property
-    def largest_file_bytes(self) -> int:
-        return max(e.file.stat().st_size for e in self.entries.values())
-
     def get(self, name: str) -> torch.Tensor:
         e = self.entries.get(name)
         if e is None:
@@ -181,9 +179,9 @@ class Plan:
     """What one conversion reads and writes."""
 
     hf: dict
-    family: mapping.Family
-    attn: mapping.AttentionShape
-    rows: list[mapping.ParamMapping]
+    family: ModelFamily
+    attn: AttentionShape
+    rows: list[ParamMapping]
     num_layers: int
     embedding_rows: int  # rows NeMo builds (>= HF vocab: megatron padding, zero-filled)
     layer_shapes: dict[str, tuple[int, ...]]  # dist key -> one layer's (or the whole) Megatron shape
@@ -196,26 +194,12 @@ def make_plan(hf_dir: str | Path, reader: SafetensorsReader, tokenizer_len: int)
     row) and size the Megatron tensors. Raises ConversionError naming the tensor and file."""
     cfg_path = Path(hf_dir) / "config.json"
     hf = read_hf_config(hf_dir)
-    fam = mapping.family_of_hf(hf, cfg_path)
-    mapping.nemo_config_kwargs(hf, cfg_path)  # validates the config
-    attn = mapping.AttentionShape.from_hf(hf)
+    fam = families.for_hf(hf, cfg_path)
+    fam.nemo_config(hf, cfg_path)  # validates the config
+    attn = AttentionShape.from_hf(hf)
     tied = bool(hf.get("tie_word_embeddings", False))
-    n_layers, hidden, ffn, vocab = (int(hf[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                                                        "vocab_size"))
-    q_rows, kv_rows = attn.n_heads * attn.head_dim, attn.n_groups * attn.head_dim
-    expected = {  # HF name pattern -> shape implied by config.json
-        "model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,), "model.layers.*.input_layernorm.weight": (hidden,),
-        "model.layers.*.post_attention_layernorm.weight": (hidden,),
-        "model.layers.*.self_attn.q_proj.weight": (q_rows, hidden),
-        "model.layers.*.self_attn.k_proj.weight": (kv_rows, hidden),
-        "model.layers.*.self_attn.v_proj.weight": (kv_rows, hidden),
-        "model.layers.*.self_attn.q_proj.bias": (q_rows,), "model.layers.*.self_attn.k_proj.bias": (kv_rows,),
-        "model.layers.*.self_attn.v_proj.bias": (kv_rows,),
-        "model.layers.*.self_attn.o_proj.weight": (hidden, q_rows),
-        "model.layers.*.mlp.gate_proj.weight": (ffn, hidden), "model.layers.*.mlp.up_proj.weight": (ffn, hidden),
-        "model.layers.*.mlp.down_proj.weight": (hidden, ffn),
-    }
+    n_layers, vocab = int(hf["num_hidden_layers"]), int(hf["vocab_size"])
+    expected = fam.expected_hf_shapes(hf)  # HF name pattern -> shape implied by config.json
     rows = fam.rows_for(tied)
     used, layer_shapes, dtypes, layer_bytes = set(), {}, {}, 0
     for row in rows:
@@ -241,7 +225,7 @@ def make_plan(hf_dir: str | Path, reader: SafetensorsReader, tokenizer_len: int)
               and not (tied and k == "lm_head.weight")]
     if unused:
         raise ConversionError(f"{hf_dir}: tensor(s) not covered by the {fam.name} mapping: {sorted(unused)[:8]}")
-    emb_rows = mapping.nemo_embedding_rows(hf, tokenizer_len)
+    emb_rows = fam.nemo_embedding_rows(hf, tokenizer_len)
     if emb_rows < vocab:
         raise ConversionError(f"{cfg_path}: vocab_size {vocab} but the tokenizer has {tokenizer_len} tokens; NeMo "
                               f"2.1's {fam.nemo_model} would size the embedding to {emb_rows} rows")
@@ -327,16 +311,13 @@ def _wrap_io_init_of_subclass(cls) -> type:
 
 def nemo_model(hf: dict, tokenizer_dir: Path):
     """The NeMo LightningModule (unconfigured: no weights) for this HF config and tokenizer dir."""
-    import importlib
-
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
-    cls_name, kw = mapping.nemo_config_kwargs(hf)
-    fam = mapping.family_of_hf(hf)
-    module = importlib.import_module(fam.nemo_module)
+    fam = families.for_hf(hf)
+    cls_name, kw = fam.nemo_config(hf)
     with _config_checks_without_fused_kernels():
-        config = _wrap_io_init_of_subclass(getattr(module, cls_name))(**kw)
-    model_cls = _wrap_io_init_of_subclass(getattr(module, fam.nemo_model))
+        config = _wrap_io_init_of_subclass(fam.nemo_class(cls_name))(**kw, **dtype_kwargs(hf))
+    model_cls = _wrap_io_init_of_subclass(fam.nemo_class())
     return model_cls(config, tokenizer=AutoTokenizer(str(tokenizer_dir)))
 
 
@@ -371,7 +352,7 @@ def convert(hf_dir: str | Path, output: str | Path, overwrite: bool = False, pro
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir).absolute()
     hf = read_hf_config(hf_dir)
-    mapping.family_of_hf(hf, hf_dir / "config.json")  # unknown architecture: fail before anything else
+    families.for_hf(hf, hf_dir / "config.json")  # unknown architecture: fail before anything else
     reader = SafetensorsReader(hf_dir)
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
@@ -396,7 +377,7 @@ def convert(hf_dir: str | Path, output: str | Path, overwrite: bool = False, pro
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert.hf_to_nemo", description=__doc__.split("\n\n")[0],
                                  epilog="Families: " + ", ".join(f"{f.name} ({', '.join(f.architectures)})"
-                                                                 for f in mapping.FAMILIES.values()))
+                                                                 for f in families.all_families()))
     ap.add_argument("--hf", required=True, help="Hugging Face model dir (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--output", required=True, help="NeMo 2 checkpoint dir to create (context/ + weights/)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
@@ -407,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         import_dependencies()
         return convert(args.hf, args.output, overwrite=args.overwrite, progress=not args.no_progress)
 
-    return run_json_command(call, (ConversionError, mapping.UnsupportedModelError, FileExistsError,
+    return run_json_command(call, (ConversionError, UnsupportedModelError, FileExistsError,
                                    FileNotFoundError))
 
 

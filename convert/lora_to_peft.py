@@ -6,7 +6,8 @@
 NeMo 2.1 has no LoRA export (``llm.peft.export_lora`` arrives in 2.2). NeMo's LoRA on the fused
 ``linear_qkv`` has ONE A (``linear_in``, [r, hidden]) and ONE B (``linear_out``, [(n+2g)d, r]); HF
 has separate q/k/v projections, so A is copied to q/k/v and B is split by the GQA interleave rule
-(``convert.layout.split_qkv``); ``linear_fc1`` likewise becomes gate/up (B split in halves).
+(``families.layout.split_qkv``, the weight row's own split); ``linear_fc1`` likewise becomes gate/up
+(B split in halves). Module names come from the checkpoint's family (``families``).
 Scaling is unchanged: NeMo multiplies by alpha/dim, PEFT by lora_alpha/r.
 """
 from __future__ import annotations
@@ -17,49 +18,39 @@ from pathlib import Path
 
 import torch
 
+import families
 from convert.adapters import adapter_config, lora_key, write_adapter
-from convert.layout import split_fc1, split_qkv
 from convert.nemo_ckpt import NemoCheckpoint
-
-# NeMo LoRA target -> (its module path inside a megatron decoder layer, the HF projections it becomes)
-NEMO_LORA_MODULES = {
-    "linear_qkv": ("self_attention.linear_qkv", ("q_proj", "k_proj", "v_proj")),
-    "linear_proj": ("self_attention.linear_proj", ("o_proj",)),
-    "linear_fc1": ("mlp.linear_fc1", ("gate_proj", "up_proj")),
-    "linear_fc2": ("mlp.linear_fc2", ("down_proj",)),
-}
-
-
-def split_lora_b(target: str, b: torch.Tensor, shape: dict) -> list[torch.Tensor]:
-    """One NeMo B matrix -> the B matrices of the HF projections of ``target`` (same order)."""
-    if target == "linear_qkv":
-        return list(split_qkv(b, n_heads=shape["n_heads"], n_groups=shape["n_groups"], head_dim=shape["head_dim"]))
-    if target == "linear_fc1":
-        return list(split_fc1(b))
-    return [b]
+from families.spec import AttentionShape
 
 
 def nemo_lora_to_peft_tensors(ckpt: NemoCheckpoint) -> tuple[dict[str, torch.Tensor], dict]:
+    """PEFT tensors and settings of a NeMo LoRA checkpoint. The family of the checkpoint names the
+    modules (``families.ModelFamily.lora_modules``); a B matrix is split by its weight row's ``to_hf``,
+    the same split as the weights (GQA interleave for linear_qkv, halves for linear_fc1)."""
+    fam = families.for_nemo(ckpt.model_yaml, ckpt.context_dir / "model.yaml")
+    modules = fam.lora_modules()
     settings = ckpt.lora_settings()
     shape = ckpt.attention_shape()
+    attn = AttentionShape(shape["n_heads"], shape["n_groups"], shape["head_dim"])
     tensors: dict[str, torch.Tensor] = {}
     hf_targets: list[str] = []
     for target in settings["target_modules"]:
-        if target not in NEMO_LORA_MODULES:
+        if target not in modules:
             raise ValueError(f"{ckpt.path}: LoRA target {target!r} has no HF PEFT equivalent "
-                             f"(known: {sorted(NEMO_LORA_MODULES)})")
-        path, projs = NEMO_LORA_MODULES[target]
-        a_all = ckpt.load(f"decoder.layers.{path}.adapter.linear_in.weight")    # [L, r, in]
-        b_all = ckpt.load(f"decoder.layers.{path}.adapter.linear_out.weight")   # [L, out, r]
+                             f"(known: {sorted(modules)})")
+        m = modules[target]
+        a_all = ckpt.load(f"decoder.layers.{m.nemo_path}.adapter.linear_in.weight")    # [L, r, in]
+        b_all = ckpt.load(f"decoder.layers.{m.nemo_path}.adapter.linear_out.weight")   # [L, out, r]
         if a_all.shape[0] != shape["num_layers"] or a_all.shape[1] != settings["dim"]:
-            raise ValueError(f"{ckpt.path}: {path} adapter A has shape {tuple(a_all.shape)}, expected "
+            raise ValueError(f"{ckpt.path}: {m.nemo_path} adapter A has shape {tuple(a_all.shape)}, expected "
                              f"[{shape['num_layers']}, {settings['dim']}, in]")
         for layer in range(shape["num_layers"]):
             a = a_all[layer].float()
-            for proj, b in zip(projs, split_lora_b(target, b_all[layer].float(), shape)):
-                tensors[lora_key(layer, proj, "A")] = a.clone()
-                tensors[lora_key(layer, proj, "B")] = b
-        hf_targets += projs
+            for path, b in zip(m.hf_paths, m.row.to_hf(b_all[layer].float(), attn)):
+                tensors[lora_key(layer, path, "A")] = a.clone()
+                tensors[lora_key(layer, path, "B")] = b.contiguous()
+        hf_targets += m.hf_modules
     settings["hf_target_modules"] = hf_targets
     return tensors, settings
 

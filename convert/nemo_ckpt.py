@@ -31,6 +31,12 @@ MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version":
                      "common_backend": "torch", "common_backend_version": 1}
 
 
+def dist_checkpoint_keys(weights_dir: str | Path) -> list[str]:
+    """Names of everything stored in a dist checkpoint's ``weights/`` dir."""
+    from torch.distributed.checkpoint import FileSystemReader
+    return list(FileSystemReader(str(weights_dir)).read_metadata().state_dict_metadata)
+
+
 def read_dist_tensors(weights_dir: str | Path, keys: list[str] | None = None) -> dict:
     """Tensors of a NeMo/megatron dist checkpoint (``weights/``), read with torch.distributed.checkpoint
     without a process group. Layer weights are stacked: ``[num_layers, ...]``. All keys when None."""

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from convert import mapping, run_json_command
+import families
+from convert import run_json_command
+from families.spec import CONFIG_FIELDS, AttentionShape, ModelFamily, UnsupportedModelError
 from convert.merge import TOKENIZER_FILES
 from convert.nemo_ckpt import NemoCheckpoint
 from recipes.fileio import atomic_dir
@@ -103,10 +105,10 @@ def true_vocab(ckpt: NemoCheckpoint, cfg: dict, base: dict | None, tok_len: int)
     return tok_len
 
 
-def plan_tensors(ckpt: NemoCheckpoint, fam: mapping.Family, cfg: dict, vocab: int) -> list[tuple]:
+def plan_tensors(ckpt: NemoCheckpoint, fam: ModelFamily, cfg: dict, vocab: int) -> list[tuple]:
     """``(row, layer, [OutTensor...])`` in write order, from the checkpoint metadata alone. Raises
     ExportError naming the missing or mis-shaped tensor."""
-    attn = mapping.AttentionShape.from_nemo(cfg)
+    attn = AttentionShape.from_nemo(cfg)
     n_layers = int(cfg["num_layers"])
     tied = bool(cfg.get("share_embeddings_and_output_weights"))
     rows = fam.rows_for(tied)
@@ -222,18 +224,18 @@ def _read_json(path: Path) -> dict:
         raise ExportError(f"{path}: cannot read ({e})") from None
 
 
-def check_base(base: dict, base_path: Path, cfg: dict, fam: mapping.Family) -> None:
+def check_base(base: dict, base_path: Path, cfg: dict, fam: ModelFamily) -> None:
     """Refuse a --base-hf that is another model (family or architecture fields differ)."""
-    if mapping.family_of_hf(base, base_path) is not fam:
+    if families.for_hf(base, base_path) is not fam:
         raise ExportError(f"{base_path}: a {base.get('model_type')} model, the checkpoint is {fam.name}")
-    for hf_key, nemo_key in mapping.CONFIG_FIELDS[:5]:  # layers, hidden, ffn, heads, kv heads
+    for hf_key, nemo_key in CONFIG_FIELDS[:5]:  # layers, hidden, ffn, heads, kv heads
         want = cfg.get(nemo_key) or (cfg["num_attention_heads"] if hf_key == "num_key_value_heads" else None)
         if hf_key in base and base[hf_key] != want:
             raise ExportError(f"{base_path}: {hf_key}={base[hf_key]} but the NeMo checkpoint has {want} "
                               "(--base-hf is another model)")
 
 
-def build_config(fields: dict, fam: mapping.Family, base: dict | None, special_ids: dict) -> dict:
+def build_config(fields: dict, fam: ModelFamily, base: dict | None, special_ids: dict) -> dict:
     """config.json: --base-hf's (every field kept, max_position_embeddings and bos/eos/pad ids
     included) with the model's fields set from NeMo; without a base, what transformers'
     save_pretrained writes for the family, with the NeMo seq_length as max_position_embeddings and
@@ -284,7 +286,7 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
     if ckpt.adapter_metadata is not None:
         raise ExportError(f"{ckpt.weights_dir}: a LoRA adapter checkpoint (adapter_metadata.json); export it with "
                           "python -m convert.lora_to_peft, or merge it (python -m convert.merge)")
-    fam = mapping.family_of_nemo(ckpt.model_yaml, ckpt.context_dir / "model.yaml")
+    fam = families.for_nemo(ckpt.model_yaml, ckpt.context_dir / "model.yaml")
     cfg = ckpt.model_config
     base_path = Path(base_hf).absolute() if base_hf else None
     base = _read_json(base_path / "config.json") if base_path else None
@@ -297,10 +299,10 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
     flat = [t for _, _, ts in entries for t in ts]
     shards = plan_shards(flat, parse_size(max_shard_size))
     emb_dtype = ckpt.tensors["embedding.word_embeddings.weight"][1]
-    fields = mapping.hf_config_fields(cfg, fam, vocab_size=vocab, torch_dtype=DTYPE_NAMES[emb_dtype])
+    fields = fam.hf_config_fields(cfg, vocab_size=vocab, torch_dtype=DTYPE_NAMES[emb_dtype])
     special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     config = build_config(fields, fam, base, special)
-    attn = mapping.AttentionShape.from_nemo(cfg)
+    attn = AttentionShape.from_nemo(cfg)
     inputs = (Path(nemo_dir),) + ((base_path,) if base_path else ())
     with atomic_dir(output, overwrite, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, shards)
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return convert(args.nemo, args.output, base_hf=args.base_hf, overwrite=args.overwrite,
                        max_shard_size=args.max_shard_size, progress=not args.no_progress)
 
-    return run_json_command(call, (ExportError, mapping.UnsupportedModelError, FileExistsError,
+    return run_json_command(call, (ExportError, UnsupportedModelError, FileExistsError,
                                    FileNotFoundError, KeyError))
 
 

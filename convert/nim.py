@@ -35,11 +35,15 @@ import struct
 import sys
 from pathlib import Path
 
+import families
 from convert.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from convert.merge import TOKENIZER_FILES
 from recipes.fileio import atomic_dir
 
-NIM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The HF modules the registered families' LoRA targets become (families.ModelFamily.lora_modules): the
+# attention and MLP projections q/k/v/o_proj, gate/up/down_proj that NIM documents for HF PEFT adapters.
+NIM_LORA_TARGETS = tuple(sorted({m for f in families.all_families() for lm in f.lora_modules().values()
+                                 for m in lm.hf_modules}))
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's max_lora_rank default
 OK_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 IMAGE_PLACEHOLDER = "<NIM_IMAGE e.g. nvcr.io/nim/<org>/<model>:<tag>>"
@@ -334,12 +338,6 @@ def layout_report(adapters: list[str | Path], output: str | Path, names: list[st
         return {"dir": str(output), "ok": False, "problems": e.problems, "docker": []}
     return {"dir": str(out), "ok": True, "problems": [],
             "docker": docker_env_lines(out, kind="peft", max_lora_rank=max_lora_rank)}
-
-
-def max_rank(peft_source: str | Path) -> int:
-    """The largest LoRA rank in a NIM_PEFT_SOURCE tree (from the A matrices and the configs)."""
-    root = Path(peft_source)
-    return max((_validate_adapter(sub, sub.name, 1 << 30)[1] for sub in root.iterdir() if sub.is_dir()), default=0)
 
 
 def docker_env_lines(path: str | Path, *, kind: str, name: str | None = None,

@@ -32,14 +32,15 @@ def merge_nemo_lora_(model, lora_ckpt) -> int:
     Returns the number of weight matrices changed."""
     import torch
 
-    from convert.lora_to_peft import NEMO_LORA_MODULES
+    import families
+    modules = families.for_nemo(lora_ckpt.model_yaml, lora_ckpt.context_dir / "model.yaml").lora_modules()
     s = lora_ckpt.lora_settings()
     scale = s["alpha"] / s["dim"]
     params = {n.removeprefix("module."): p for n, p in model.named_parameters()}
     changed = 0
     with torch.no_grad():
         for target in s["target_modules"]:
-            path = NEMO_LORA_MODULES[target][0]
+            path = modules[target].nemo_path
             a_all = lora_ckpt.load(f"decoder.layers.{path}.adapter.linear_in.weight")
             b_all = lora_ckpt.load(f"decoder.layers.{path}.adapter.linear_out.weight")
             for layer in range(a_all.shape[0]):
@@ -62,15 +63,22 @@ def compare(ref, got) -> dict:
 
 
 def verify(hf_dir: str | Path, nemo_dir: str | Path, adapter_dir: str | Path | None = None,
-           prompts=DEFAULT_PROMPTS, atol: float = 1e-4, family: str = "llama", merge_adapter: bool = True) -> dict:
+           prompts=DEFAULT_PROMPTS, atol: float = 1e-4, family: str | None = None, merge_adapter: bool = True) -> dict:
+    """The report (``ok``: within ``atol`` and the same argmax). ``family``, when given, must be the
+    checkpoint's (``context/model.yaml``); the family comes from the checkpoint either way."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import families
+    from convert import nemo_model
     from convert.nemo_ckpt import NemoCheckpoint
-    from recipes import nemo_backend
+    from recipes import cpu_shim
 
-    nemo_backend.prepare_process()
     ckpt = NemoCheckpoint(nemo_dir)
+    fam = families.for_nemo(ckpt.model_yaml, ckpt.context_dir / "model.yaml")
+    if family is not None and family != fam.name:
+        raise ValueError(f"{nemo_dir}: a {fam.name} checkpoint, not --family {family}")
+    cpu_shim.prepare_process()
     is_lora = ckpt.adapter_metadata is not None
     if is_lora and adapter_dir is None:
         raise ValueError(f"{nemo_dir} is a LoRA checkpoint: pass the exported PEFT adapter with --adapter")
@@ -78,7 +86,7 @@ def verify(hf_dir: str | Path, nemo_dir: str | Path, adapter_dir: str | Path | N
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32, local_files_only=True).eval()
-    model, _ = nemo_backend.load_nemo_model(base_nemo, family)
+    model, _ = nemo_model.load_nemo_model(base_nemo)
     inputs = [tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"] for text in prompts]
 
     def diffs(hf_model) -> list[dict]:
@@ -86,7 +94,7 @@ def verify(hf_dir: str | Path, nemo_dir: str | Path, adapter_dir: str | Path | N
         for ids in inputs:
             with torch.no_grad():
                 ref = hf_model(input_ids=ids).logits.float()
-            out.append(compare(ref, nemo_backend.nemo_logits(model, ids)))
+            out.append(compare(ref, nemo_model.nemo_logits(model, ids)))
         return out
 
     base_diffs = None
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nemo", required=True, help="NeMo 2 checkpoint dir (full model or LoRA)")
     ap.add_argument("--adapter", help="HF PEFT adapter dir (needed with a NeMo LoRA checkpoint)")
     ap.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
-    ap.add_argument("--family", default="llama", choices=["llama", "qwen2"])
+    ap.add_argument("--family", default=None, help="expected model family (default: the checkpoint's own)")
     ap.add_argument("--unmerged", action="store_true",
                     help="run the HF side with peft's unmerged adapter (x@W + s*B(Ax)); its fp32 rounding differs "
                          "from the merged NeMo side by ~1e-4 on a 30-layer model")

@@ -20,8 +20,9 @@ from typing import Any, Literal, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# NeMo names for the LoRA targets; the HF backend maps them to q/k/v/o/gate/up/down projections.
-NEMO_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+import families
+# NeMo names for the LoRA targets; each family maps them to its HF projections (q/k/v/o/gate/up/down).
+from families.spec import NEMO_LORA_TARGETS
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,8 @@ class ModelConfig:
     # Build hf_path with `python -m recipes.models <preset>` when it does not exist yet:
     # "tiny" (random Llama + local tokenizer, for tests) or "small" (SmolLM2-135M-Instruct from GGUF).
     preset: Optional[Literal["tiny", "small"]] = None
-    family: Literal["llama", "qwen2"] = "llama"
+    # Model family (families.names(): llama, qwen2, mistral); it must match config.json's architectures.
+    family: str = families.DEFAULT_FAMILY
     # Shape key in recipes.memory.ARCHITECTURES (e.g. llama31_8b) for memory estimates and validation
     # without the weights; default: config.json in hf_path, else the config name's prefix.
     architecture: Optional[str] = None
@@ -265,6 +267,9 @@ def _check(obj, prefix: str, where: str) -> None:
         _positive(obj, ["min_lr", "warmup_steps", "weight_decay", "clip_grad"], prefix, where, allow_zero=True)
         if obj.min_lr > obj.lr:
             raise ConfigError(f"{where}: {prefix}min_lr: {obj.min_lr} is above lr {obj.lr}")
+        if obj.scheduler != "cosine" and obj.min_lr > 0:
+            raise ConfigError(f"{where}: {prefix}min_lr={obj.min_lr} is only supported with {prefix}scheduler=cosine "
+                              f"(got {obj.scheduler})")
         for n in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(obj, n) < 1.0:
                 raise ConfigError(f"{where}: {prefix}{n}: must be in [0, 1), got {getattr(obj, n)}")
@@ -273,6 +278,9 @@ def _check(obj, prefix: str, where: str) -> None:
                         "num_devices"], prefix, where)
         _positive(obj, ["val_check_interval", "limit_val_batches", "checkpoint_every_n_steps",
                         "warmup_steps_excluded"], prefix, where, allow_zero=True)
+    elif isinstance(obj, ModelConfig):
+        if obj.family not in families.names():
+            raise ConfigError(f"{where}: {prefix}family: must be one of {families.names()}, got {obj.family!r}")
     elif isinstance(obj, DataConfig):
         _positive(obj, ["test_months", "val_months"], prefix, where)
     elif isinstance(obj, ParallelConfig):
@@ -290,3 +298,13 @@ def _check(obj, prefix: str, where: str) -> None:
                               f"micro_batch_size*data_parallel={t.micro_batch_size}*{obj.data_parallel_size}")
         if obj.optim.warmup_steps > t.max_steps:
             raise ConfigError(f"{where}: optim.warmup_steps={obj.optim.warmup_steps} exceeds train.max_steps={t.max_steps}")
+
+
+def check_runs_on_cpu(cfg: "ExperimentConfig") -> None:
+    """The rules for a run without a GPU, for every backend: one process, fp32. ConfigError otherwise."""
+    t, p = cfg.train, cfg.parallel
+    if t.num_devices != 1 or p.num_nodes != 1:
+        raise ConfigError(f"train.num_devices={t.num_devices}, parallel.num_nodes={p.num_nodes}: a CPU run "
+                          "uses one process (set train.num_devices=1 and parallel.num_nodes=1)")
+    if t.precision != "fp32":
+        raise ConfigError(f"train.precision={t.precision} needs a GPU; use train.precision=fp32 on CPU")

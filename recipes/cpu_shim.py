@@ -20,9 +20,10 @@ Ported from shared/reference/cpu-probe/cpu_patches.py, keeping only what 2.1.0 n
 from __future__ import annotations
 
 import contextlib
+import os
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 # Every (module, attribute path) a patch replaces. tests/test_cpu_shim.py checks that each one
 # exists in the pinned versions, so an upgrade that renames one fails loudly instead of silently
@@ -362,3 +363,32 @@ def apply(exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
     _run(COMPAT_PATCHES, exclude)
     _run(PATCHES, exclude)
     return applied()
+
+
+# ---------------------------------------------------------------------------------------------
+# process set-up for NeMo (converters and training backends alike)
+
+
+def is_cpu() -> bool:
+    import torch
+    return not torch.cuda.is_available()
+
+
+def prepare_process(cpu: Optional[bool] = None, exclude_patches: tuple[str, ...] = ()) -> bool:
+    """Environment for NeMo in this process; applies the CPU shim when there is no CUDA (all patches but
+    ``exclude_patches``, which only tests use). Returns cpu."""
+    cpu = is_cpu() if cpu is None else cpu
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # single-node torch.distributed rendezvous
+    # torch >= 2.6 loads with weights_only=True; NeMo 2.1 checkpoints (common.pt) pickle pathlib
+    # paths, so resuming fails with "Unsupported global: GLOBAL pathlib.PosixPath" without this.
+    import pathlib
+
+    import torch
+    torch.serialization.add_safe_globals([pathlib.PosixPath, pathlib.Path])
+    if cpu:
+        apply(exclude=exclude_patches)
+    else:
+        apply_compat(exclude=exclude_patches)
+    return cpu
+

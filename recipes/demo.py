@@ -67,7 +67,7 @@ def export_nemo_adapter(run_dir: Path, base_hf: str) -> tuple[Path, dict]:
     import subprocess
 
     from convert.lora_to_peft import convert
-    from recipes.nemo_backend import last_checkpoint
+    from recipes.nemo_recipe import last_checkpoint
     ckpt = last_checkpoint(run_dir)
     adapter = convert(ckpt, run_dir / "hf_adapter", base_hf=base_hf, overwrite=True)
     report_path = run_dir / "verify.json"
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.metrics import read_metrics
     from benchmarks.report import report_demo_runs
     from recipes.config import load_config
-    from recipes.finetune import ensure_inputs
     from recipes.generate import generate
+    from recipes.inputs import ensure_inputs
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,32 +4,20 @@
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo train.max_steps=5
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo --dry-run
 
-Before training it makes sure the inputs exist: the model directory (built from ``model.preset``
-when missing) and the prepared data (prepared from ``data.source`` with the model's tokenizer when
-``data.dataset_dir`` is missing). Outputs go to ``--output`` or ``output_dir``: resolved_config.yaml,
-metrics.jsonl, and the adapter/model (HF) or NeMo checkpoints.
+Before training it makes sure the inputs exist (``recipes.inputs.ensure_inputs``): the model
+directory (built from ``model.preset`` when missing) and the prepared data (prepared from
+``data.source`` with the model's tokenizer when ``data.dataset_dir`` is missing). Outputs go to
+``--output`` or ``output_dir``: resolved_config.yaml, metrics.jsonl, and the adapter/model (HF) or
+NeMo checkpoints.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from recipes.config import ConfigError, ExperimentConfig, load_config
+from recipes.config import ConfigError, load_config
+from recipes.inputs import ensure_inputs
 from recipes.launch import add_executor_args, run_with_executor, targets_gpu
-
-
-def ensure_inputs(cfg: ExperimentConfig) -> None:
-    """Build the preset model and prepare the data if they are not there yet."""
-    from recipes.models import ensure_model
-    ensure_model(cfg.model)
-    data_dir = Path(cfg.data.dataset_dir)
-    if not (data_dir / "training.jsonl").is_file():
-        if not cfg.data.source:
-            raise ConfigError(f"data.dataset_dir={data_dir} has no training.jsonl and data.source is not set")
-        from recipes.data import prepare
-        prepare(cfg.data.source, data_dir, cfg.model.hf_path, seq_length=cfg.train.seq_length,
-                test_months=cfg.data.test_months, val_months=cfg.data.val_months)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         # NeMo-Run launch (torchrun locally or sbatch on Slurm), or the dry-run of a GPU config on any machine
         return run_with_executor(args, cfg)
     if args.backend == "nemo":
+        from recipes import nemo_recipe
         from recipes import nemo_backend
         if args.dry_run:
-            print(nemo_backend.describe(cfg))
+            print(nemo_recipe.describe(cfg))
             return 0
         ensure_inputs(cfg)
         out = nemo_backend.run(cfg)

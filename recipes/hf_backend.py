@@ -7,7 +7,7 @@ What it does, in order (``HFRecipe.setup/train/cleanup``):
 - tokenises the prepared NeMo-format ``training.jsonl``/``validation.jsonl`` with
   :func:`recipes.tokens.tokenize_pair`, i.e. exactly the token ids NeMo's GPTSFTDataset builds:
   prompt (chat template already rendered) + completion + EOS, loss on the completion only;
-- LoRA through ``peft.LoraConfig`` with the NeMo target names mapped to HF projections;
+- LoRA through ``peft.LoraConfig`` with the NeMo target names mapped to HF projections by the family;
 - TRL ``SFTTrainer`` with every optimiser/schedule/precision knob set explicitly from the config
   (TRL/transformers defaults are never relied on: bf16 and gradient checkpointing stay off unless
   the config asks, also on CPU);
@@ -20,31 +20,42 @@ import json
 import os
 from pathlib import Path
 
-from recipes.config import ExperimentConfig
+import families
+from recipes.config import ExperimentConfig, check_runs_on_cpu
 from recipes.fileio import write_text_atomic
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
 
-# NeMo LoRA target -> HF Llama/Qwen2 module names (see recipes/config.py LoraConfig).
-HF_LORA_TARGETS = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
 # config scheduler -> transformers lr_scheduler_type
 HF_SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def hf_lora_targets(targets) -> list[str]:
-    return [m for t in targets for m in HF_LORA_TARGETS[t]]
+def token_mean_loss_over_the_global_batch(trainer) -> bool:
+    """Give every model the loss transformers gives Llama: the per-token mean over the whole global batch
+    (sum over its micro-batches / their loss tokens). transformers 4.47.1 does that only for a model whose
+    ``forward`` takes ``**kwargs`` (``num_items_in_batch`` reaches the loss); for one without
+    (MistralForCausalLM) it trains on the mean of the micro-batch means and *reports* their sum
+    (gradient_accumulation_steps times the loss). The same loss function as a ``compute_loss_func``
+    restores the first, for training and reporting. Returns whether it was needed."""
+    if trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None:
+        return False
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+    trainer.compute_loss_func = loss
+    return True
+
+
+def hf_lora_targets(targets, family: str) -> list[str]:
+    """peft ``target_modules`` for NeMo LoRA targets: the family's HF projections (q/k/v for linear_qkv...)."""
+    return families.get(family).hf_lora_modules(targets)
 
 
 def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: bool) -> dict:
     """The SFTConfig keyword arguments for this experiment (tests compare them with NeMo's)."""
     o, t = cfg.optim, cfg.train
     sched_kwargs = {"min_lr": o.min_lr} if o.scheduler == "cosine" else {}
-    if o.scheduler != "cosine" and o.min_lr > 0:
-        raise ValueError(f"optim.min_lr={o.min_lr} is only supported with optim.scheduler=cosine")
     return dict(
         output_dir=str(Path(output_dir) / "trainer"),
         max_steps=t.max_steps,
@@ -157,8 +168,8 @@ class HFRecipe:
 
         cfg = self.cfg
         cuda = torch.cuda.is_available()
-        if not cuda and cfg.train.precision != "fp32":
-            raise ValueError(f"train.precision={cfg.train.precision} needs a GPU; use train.precision=fp32 on CPU")
+        if not cuda:
+            check_runs_on_cpu(cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.output_dir / "resolved_config.yaml", cfg.to_yaml())
 
@@ -178,7 +189,7 @@ class HFRecipe:
         if cfg.method == "lora":
             from peft import LoraConfig
             peft_config = LoraConfig(r=cfg.lora.dim, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=hf_lora_targets(cfg.lora.target_modules),
+                                     target_modules=hf_lora_targets(cfg.lora.target_modules, cfg.model.family),
                                      bias="none", task_type="CAUSAL_LM")
 
         self.timer = timer = StepTimer(self.output_dir, backend="hf")
@@ -194,6 +205,7 @@ class HFRecipe:
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tok, data_collator=PadCollator(tok.pad_token_id), peft_config=peft_config,
             callbacks=[_metrics_callback(timer)])
+        token_mean_loss_over_the_global_batch(self.trainer)
 
     def train(self) -> Path:
         self.trainer.train()

@@ -12,7 +12,7 @@
   container through Pyxis, container mounts, the committed code shipped with ``GitArchivePackager``
   (or already in the image built from ``Dockerfile.nemo``: ``--packager none``), a local or SSH tunnel;
 - :func:`launch_task` — what each rank runs: ``run.Partial(train, recipe=<the llm.finetune recipe of
-  recipes.nemo_backend>)``; :func:`train` applies the process setup of ``recipes.nemo_backend``
+  recipes.nemo_backend>)``; :func:`train` applies the process setup of ``recipes.cpu_shim.prepare_process``
   (``cpu_shim.apply_compat``: NeMo 2.1 resume fixes) on every rank before calling the recipe;
 - :func:`executor_script` — what would be launched, rendered by NeMo-Run's own dry run
   (``Experiment.dryrun``): the sbatch script for Slurm, the torchrun command line for local;
@@ -147,8 +147,8 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
 def train(recipe, cpu: bool = False):
     """Entry point on every rank: the process setup ``recipes.nemo_backend.run`` does in-process
     (compat patches, safe globals for resuming), then the built ``llm.finetune`` partial."""
-    from recipes import nemo_backend
-    nemo_backend.prepare_process(cpu=cpu)
+    from recipes import cpu_shim
+    cpu_shim.prepare_process(cpu=cpu)
     return recipe()
 
 
@@ -156,13 +156,13 @@ def launch_task(cfg: ExperimentConfig, *, cpu: bool = False, nemo_path: Optional
     """(``run.Partial(train, recipe=...)``, note): the recipe as the ranks will run it. Without the HF dir
     (dry run before the download) the model section is left out and the note says so."""
     import nemo_run as run
-    from recipes import nemo_backend
+    from recipes import nemo_recipe
 
     note = None
     try:
-        recipe = nemo_backend.build_recipe(cfg, cfg.output_dir, nemo_path=nemo_path, cpu=cpu)
+        recipe = nemo_recipe.build_recipe(cfg, cfg.output_dir, nemo_path=nemo_path, cpu=cpu)
     except FileNotFoundError as e:
-        recipe = nemo_backend.build_recipe(cfg, cfg.output_dir, nemo_path=nemo_path, cpu=cpu, with_model=False)
+        recipe = nemo_recipe.build_recipe(cfg, cfg.output_dir, nemo_path=nemo_path, cpu=cpu, with_model=False)
         note = f"model: built from {cfg.model.hf_path}/config.json at launch ({e})"
     return run.Partial(train, recipe=recipe, cpu=cpu), note
 
@@ -206,8 +206,8 @@ def executor_script(recipe, executor, name: str = "finetune") -> str:
 
 
 def _recipe_paths(cfg: ExperimentConfig) -> list[str]:
-    from recipes import nemo_backend
-    return [str(Path(cfg.model.hf_path).absolute()), str(nemo_backend.default_nemo_path(cfg.model.hf_path)),
+    from recipes import nemo_import
+    return [str(Path(cfg.model.hf_path).absolute()), str(nemo_import.default_nemo_path(cfg.model.hf_path)),
             str(Path(cfg.data.dataset_dir).absolute()), str(Path(cfg.output_dir).absolute())]
 
 
@@ -218,8 +218,8 @@ def uncovered_paths(paths: Sequence[str], mounts: Sequence[str]) -> list[str]:
 
 
 def _import_state(cfg: ExperimentConfig, nemo_path: Path) -> str:
-    from recipes import nemo_backend
-    if nemo_backend.import_is_complete(cfg.model.hf_path, nemo_path):
+    from recipes import nemo_import
+    if nemo_import.import_is_complete(cfg.model.hf_path, nemo_path):
         return "imported"
     return f"not there yet: python -m recipes.nemo_backend import {cfg.model.hf_path} --family {cfg.model.family}"
 
@@ -228,13 +228,13 @@ def dry_run(cfg: ExperimentConfig, executor=None, gpu_memory_gb: float = 80.0) -
     """(text, problems): the validator report, the recipe each rank would run and, with an executor,
     the script NeMo-Run would launch. Needs neither the model nor a GPU."""
     import nemo_run as run
-    from recipes import nemo_backend
+    from recipes import nemo_import
     from recipes.validate import report
 
     cpu = not targets_gpu(cfg)
     text, problems = report(cfg, gpu_memory_gb)
     task, note = launch_task(cfg, cpu=cpu)
-    nemo_path = nemo_backend.default_nemo_path(cfg.model.hf_path)
+    nemo_path = nemo_import.default_nemo_path(cfg.model.hf_path)
     parts = [text, "",
              f"# NeMo 2.1 recipe for {cfg.name} ({cfg.method}), {'CPU' if cpu else 'GPU'}: "
              f"{cfg.parallel.num_nodes} node(s) x {cfg.train.num_devices} device(s)",
@@ -309,7 +309,7 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     """``--backend nemo`` with ``--executor`` (or a ``--dry-run`` of a GPU config): validate, then print
     the dry run or launch. Exit status 0 ok, 1 the config does not fit/divide, 2 bad launch options."""
     import nemo_run as run
-    from recipes import nemo_backend
+    from recipes import cpu_shim, nemo_import
     from recipes.validate import validate
 
     try:
@@ -328,18 +328,18 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     if problems:
         print(f"error: {cfg.name}: " + "\n  - ".join(["the config cannot run:", *problems]), file=sys.stderr)
         return 1
-    nemo_path = nemo_backend.default_nemo_path(cfg.model.hf_path)
+    nemo_path = nemo_import.default_nemo_path(cfg.model.hf_path)
     if not (Path(cfg.model.hf_path) / "config.json").is_file():
         # the model section of the recipe is built from it here, on the submitting machine
         print(f"error: {cfg.model.hf_path}/config.json is not visible on this machine; the recipe is built here and "
               "used unchanged in the container, so the model dir must exist at the same path on both", file=sys.stderr)
         return 2
     if isinstance(executor, run.LocalExecutor):
-        from recipes.finetune import ensure_inputs
+        from recipes.inputs import ensure_inputs
         ensure_inputs(cfg)  # prepared data (model dirs are never built for production configs)
-        nemo_backend.prepare_process(cpu=False)
-        nemo_path = nemo_backend.import_hf(cfg.model.hf_path, family=cfg.model.family)  # cached
-    elif not nemo_backend.import_is_complete(cfg.model.hf_path, nemo_path):
+        cpu_shim.prepare_process(cpu=False)
+        nemo_path = nemo_import.import_hf(cfg.model.hf_path, family=cfg.model.family)  # cached
+    elif not nemo_import.import_is_complete(cfg.model.hf_path, nemo_path):
         print(f"error: {nemo_path} is not a finished import of {cfg.model.hf_path}; run `python -m "
               f"recipes.nemo_backend import {cfg.model.hf_path} --family {cfg.model.family}` in the container first",
               file=sys.stderr)

@@ -69,7 +69,8 @@ Sources:
 [3] Megatron-core distributed optimizer documentation: 18 / ``6 + 12/d`` bytes per parameter.
 [4] D. Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
     Megatron-LM", 2021 (1F1B and interleaved schedules).
-Model shapes: the models' Hugging Face ``config.json`` files (Meta Llama 3.1 8B/70B, tokyotech-llm
+Model shapes: each family file's ``known_architectures`` (``families/``), from the models' Hugging Face
+``config.json`` files (Meta Llama 3.1 8B/70B, tokyotech-llm
 Llama-3.1-Swallow 8B/70B, Qwen2.5-72B-Instruct, Nexusflow Athene-V2-Chat).
 """
 from __future__ import annotations
@@ -81,11 +82,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import families
+from families.spec import NEMO_LORA_TARGETS
+
 GIB = 2**30
 # CUDA context (~0.5 GiB on H100), cuBLAS/cuDNN/TE workspaces and NCCL buffers of the TP/PP/DP groups.
 DEFAULT_OVERHEAD_GIB = 2.5
 FRAGMENTATION = 0.05  # caching-allocator slack on top of the tensors (Megatron's estimate uses 5 %)
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_TARGETS = NEMO_LORA_TARGETS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ class Architecture:
     """The shape of a decoder-only model, named as in Hugging Face ``config.json`` where possible."""
 
     key: str
-    family: str  # "llama" | "qwen2" (model_type, and the NeMo model class)
+    family: str  # a families.names() name: owns the vocab rule and the config.json layout
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -105,7 +109,7 @@ class Architecture:
     ffn_hidden_size: int  # intermediate_size
     vocab_size: int
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
-    qkv_bias: bool = False  # Qwen2 has q/k/v biases
+    qkv_bias: bool = False  # q/k/v biases (the family's rows have them)
     tie_embeddings: bool = False
     rope_theta: float = 500000.0
     rope_scaling: Optional[dict] = field(default=None, hash=False)
@@ -118,29 +122,23 @@ class Architecture:
     def kv_channels(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
-    # -- vocabulary padding, as NeMo 2.1 builds the model --------------------------------------
+    # -- vocabulary padding, as NeMo 2.1 builds the model (the family's rule) ----------------
+    @property
+    def spec(self) -> families.ModelFamily:
+        return families.get(self.family)
+
     @property
     def make_vocab_size_divisible_by(self) -> int:
-        """What NeMo 2.1's importer/config uses: for Llama the largest power of two <= 128 that divides
-        the vocab (HFLlamaImporter.config; 128 for 128256), for Qwen2 128 (but see :meth:`padded_vocab`)."""
-        if self.family == "qwen2":
-            return 128
-        base = 128
-        while self.vocab_size % base:
-            base //= 2
-        return base
+        return self.spec.make_vocab_size_divisible_by(self.vocab_size)
 
     @property
     def vocab_is_preset(self) -> bool:
-        """NeMo's Qwen2 config sets ``vocab_size`` itself, so Megatron does not pad it."""
-        return self.family == "qwen2"
+        """The family's NeMo config sets ``vocab_size`` itself, so Megatron does not pad it."""
+        return self.spec.vocab_is_preset
 
     def padded_vocab(self, tp: int) -> int:
         """Rows of the embedding/output layer with TP = ``tp`` (``nemo.lightning.base.get_vocab_size``)."""
-        if self.vocab_is_preset:
-            return self.vocab_size
-        multiple = self.make_vocab_size_divisible_by * tp
-        return math.ceil(self.vocab_size / multiple) * multiple
+        return self.spec.padded_vocab(self.vocab_size, tp)
 
     # -- parameter counts --------------------------------------------------------------------------
     @property
@@ -177,41 +175,21 @@ class Architecture:
     def to_hf_config(self) -> dict:
         """A ``config.json`` of this shape (what a download of the model would hold), e.g. to build a
         recipe or a random-weight model without the weights."""
-        cfg = {"architectures": ["Qwen2ForCausalLM" if self.family == "qwen2" else "LlamaForCausalLM"],
-               "model_type": self.family, "hidden_size": self.hidden_size,
-               "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
-               "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_query_groups,
-               "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-               "max_position_embeddings": self.max_position_embeddings,
-               "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "initializer_range": 0.02,
-               "torch_dtype": "bfloat16"}
-        if self.head_dim and self.head_dim != self.hidden_size // self.num_attention_heads:
-            cfg["head_dim"] = self.head_dim
-        if self.rope_scaling:
-            cfg["rope_scaling"] = dict(self.rope_scaling)
-        if self.family == "llama":
-            cfg.update(attention_bias=False, mlp_bias=False)
-        return cfg
+        return self.spec.hf_config_of(self)
 
     @classmethod
     def from_hf_config(cls, hf: dict, key: str = "hf") -> "Architecture":
-        """The shape described by a Hugging Face ``config.json`` (Llama or Qwen2)."""
-        family = hf.get("model_type")
-        if family not in ("llama", "qwen2"):
-            raise ValueError(f"model_type {family!r}: only llama and qwen2 are supported")
+        """The shape described by a Hugging Face ``config.json`` (any registered family), read by the
+        family's shape reader (``families.ModelFamily.shape``, the one the FLOPs count uses)."""
         try:
-            heads = int(hf["num_attention_heads"])
-            return cls(
-                key=key, family=family, num_layers=int(hf["num_hidden_layers"]), hidden_size=int(hf["hidden_size"]),
-                num_attention_heads=heads, num_query_groups=int(hf.get("num_key_value_heads") or heads),
-                ffn_hidden_size=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
-                head_dim=hf.get("head_dim"), qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=hf.get("rope_scaling"),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+            s = families.for_hf(hf).shape(hf)
         except KeyError as e:
             raise ValueError(f"config.json has no {e.args[0]!r}") from None
+        return cls(key=key, family=s.family, num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads,
+                   num_query_groups=s.kv_heads, ffn_hidden_size=s.ffn, vocab_size=s.vocab,
+                   head_dim=s.head_dim if s.explicit_head_dim else hf.get("head_dim"), qkv_bias=s.qkv_bias,
+                   tie_embeddings=s.tied_embeddings, rope_theta=s.rope_theta, rope_scaling=s.rope_scaling,
+                   max_position_embeddings=s.max_position_embeddings, rms_norm_eps=s.rms_norm_eps)
 
     def summary(self) -> str:
         return (f"{self.family}: {self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} heads / "
@@ -220,42 +198,13 @@ class Architecture:
                 f"{self.total_params() / 1e9:.2f}B params")
 
 
-_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192}
+# The known production shapes, from the family files (each family lists its models' config.json shapes).
+ARCHITECTURES: dict[str, Architecture] = {
+    kw["key"]: Architecture(family=f.name, **kw) for f in families.all_families() for kw in f.known_architectures}
 
-ARCHITECTURES: dict[str, Architecture] = {a.key: a for a in (
-    # meta-llama/Llama-3.1-8B(-Instruct) config.json; Llama-3.1-Swallow-8B is continual pre-training of it
-    # (same shape, same 128256-token vocabulary).
-    Architecture("llama31_8b", "llama", num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-                 ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
-                 max_position_embeddings=131072, rms_norm_eps=1e-5, published_params=8.03e9,
-                 examples=("tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.1", "meta-llama/Llama-3.1-8B-Instruct")),
-    Architecture("llama31_70b", "llama", num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                 ffn_hidden_size=28672, vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
-                 max_position_embeddings=131072, rms_norm_eps=1e-5, published_params=70.6e9,
-                 examples=("tokyotech-llm/Llama-3.1-Swallow-70B-Instruct-v0.1", "meta-llama/Llama-3.1-70B-Instruct")),
-    # Qwen/Qwen2.5-72B-Instruct config.json (Qwen2 architecture, q/k/v bias); Athene-V2-Chat is a fine-tune of it.
-    Architecture("qwen25_72b", "qwen2", num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-                 ffn_hidden_size=29568, vocab_size=152064, qkv_bias=True, rope_theta=1000000.0,
-                 max_position_embeddings=32768, rms_norm_eps=1e-6, published_params=72.7e9,
-                 examples=("Qwen/Qwen2.5-72B-Instruct", "Nexusflow/Athene-V2-Chat")),
-    # recipes.models presets (CPU): `tiny` defaults and SmolLM2-135M-Instruct.
-    Architecture("tiny", "llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=176, vocab_size=1000, tie_embeddings=True, rope_theta=10000.0,
-                 max_position_embeddings=2048, examples=("python -m recipes.models tiny",)),
-    Architecture("smollm2_135m", "llama", num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
-                 ffn_hidden_size=1536, vocab_size=49152, tie_embeddings=True, rope_theta=100000.0,
-                 max_position_embeddings=8192, published_params=135e6,
-                 examples=("HuggingFaceTB/SmolLM2-135M-Instruct",)),
-)}
-
-# Config-name prefixes -> architecture (the longest matching prefix wins). A config field
-# `model.architecture` would take precedence over this (see named_architecture).
-NAME_PREFIXES: dict[str, str] = {
-    "swallow_8b": "llama31_8b", "llama31_8b": "llama31_8b",
-    "swallow_70b": "llama31_70b", "llama31_70b": "llama31_70b",
-    "qwen25_72b": "qwen25_72b", "athene_v2": "qwen25_72b",
-}
+# Config-name prefixes -> architecture (the longest matching prefix wins), also from the family files.
+# A config field `model.architecture` would take precedence over this (see named_architecture).
+NAME_PREFIXES: dict[str, str] = {p: k for f in families.all_families() for p, k in f.config_prefixes.items()}
 # model.preset -> architecture of the preset's default build (used until the preset is built; a built
 # preset dir may have other dimensions, e.g. `recipes.models tiny --layers 4`, and is then read as is)
 PRESETS = {"tiny": "tiny", "small": "smollm2_135m"}

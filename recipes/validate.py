@@ -35,7 +35,6 @@ from recipes.config import ConfigError, ExperimentConfig, load_config
 from recipes.memory import GIB, Architecture, Layout, MemoryEstimate, estimate, resolve_architecture, with_layout
 
 DEFAULT_GPU_MEMORY_GB = 80.0  # H100 SXM 80GB (GiB, as recipes.memory reports)
-QWEN2_IMPORTER_VOCAB = 151936  # what NeMo 2.1.0's Qwen2 importer assumes (fixed upstream in 2.2.0)
 
 
 def _divides(problems: list[str], what: str, value: int, by_name: str, by: int, why: str = "") -> None:
@@ -155,10 +154,11 @@ def warnings(cfg: ExperimentConfig) -> list[str]:
     if padded != arch.vocab_size:
         out.append(f"vocab {arch.vocab_size} is padded to {padded} rows (multiple of {arch.make_vocab_size_divisible_by}"
                    f" x TP{tp}); exported checkpoints must cut it back to {arch.vocab_size}")
-    if arch.family == "qwen2" and arch.vocab_size != QWEN2_IMPORTER_VOCAB:
-        out.append(f"vocab {arch.vocab_size}: NeMo 2.1.0's own Qwen2 importer (llm.import_ckpt) assumes "
-                   f"{QWEN2_IMPORTER_VOCAB} (fixed in 2.2.0); import with `python -m recipes.nemo_backend import "
-                   "HF_DIR --family qwen2`, which keeps the real vocab")
+    importer_vocab = arch.spec.nemo_importer_vocab()
+    if importer_vocab is not None and arch.vocab_size != importer_vocab:
+        out.append(f"vocab {arch.vocab_size}: NeMo 2.1.0's own {arch.family} importer (llm.import_ckpt) assumes "
+                   f"{importer_vocab} (fixed in 2.2.0); import with `python -m recipes.nemo_backend import "
+                   f"HF_DIR --family {arch.family}`, which keeps the real vocab")
     if tp > cfg.train.num_devices:
         out.append(f"TP={tp} is larger than the GPUs per node ({cfg.train.num_devices}): tensor parallelism across "
                    "nodes is slow")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from convert.layout import merge_fc1, merge_qkv, split_fc1, split_qkv
+from families.layout import merge_fc1, merge_qkv, split_fc1, split_qkv
 
 
 @pytest.mark.parametrize("n,g,d,h", [(4, 2, 16, 64), (9, 3, 64, 576), (3, 1, 16, 48), (8, 8, 4, 32), (6, 2, 5, 7)])

@@ -105,7 +105,7 @@ def test_every_copy_source_exists():
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
     copied = {shlex.split(a)[0].rstrip("/") for a in copies}
     # the packages pyproject.toml installs are all copied
-    assert {"recipes", "convert", "benchmarks", "pyproject.toml"} <= copied
+    assert {"families", "recipes", "convert", "benchmarks", "pyproject.toml"} <= copied
 
 
 def test_offline_environment():

@@ -73,7 +73,7 @@ def test_bf16_on_cpu_is_an_error(tiny_model_dir, tiny_data_dir, tmp_path):
 
 
 def test_lora_target_mapping():
-    assert hf_lora_targets(["linear_qkv", "linear_fc1"]) == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    assert hf_lora_targets(["linear_qkv", "linear_fc1"], "llama") == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
 
 
 def test_loader_masks_prompt_and_appends_eos(tiny_model_dir, tiny_data_dir):

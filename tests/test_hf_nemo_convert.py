@@ -1,4 +1,4 @@
-"""Streaming HF <-> NeMo 2 converters (convert.hf_to_nemo, convert.nemo_to_hf, convert.mapping).
+"""Streaming HF <-> NeMo 2 converters (convert.hf_to_nemo, convert.nemo_to_hf) and the family tables (families).
 
 Fast tests (in-process; the first conversion imports NeMo once, ~10 s): the mapping tables cover
 transformers' own state dicts, the config tables round-trip, HF -> NeMo -> HF is bit-exact for every
@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import hf_to_nemo, mapping, nemo_to_hf
-from convert.layout import merge_qkv
+import families
+from convert import hf_to_nemo, nemo_to_hf
+from families.spec import DTYPES, AttentionShape, UnsupportedModelError, dtype_kwargs
+from families.layout import merge_qkv
 from convert.nemo_ckpt import NemoCheckpoint, read_dist_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +51,8 @@ def _tokenizer(vocab: int):
 def build_hf(out: Path, *, family: str = "llama", vocab: int = 1000, tie: bool = False, rope_scaling=None,
              dtype: str = "float32", layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
              ffn: int = 176, max_shard_size: str | None = None, tok_vocab: int | None = None, seed: int = 0) -> Path:
-    """A random HF Llama/Qwen2 with non-trivial norms and biases, saved with save_pretrained (safetensors)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random HF model of ``family`` with non-trivial norms and biases, saved with save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = _tokenizer(tok_vocab or vocab)
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -58,15 +60,13 @@ def build_hf(out: Path, *, family: str = "llama", vocab: int = 1000, tie: bool =
               max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kw, rope_scaling=rope_scaling))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    extra = {"llama": {"rope_scaling": rope_scaling}, "mistral": {"sliding_window": None}}.get(family, {})
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(families.get(family).model_type, **kw, **extra))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):  # all-ones norms / zero biases would hide a lost mapping
                 p.add_(0.1 * torch.randn_like(p))
-    model.to(mapping.DTYPES[dtype])
+    model.to(DTYPES[dtype])
     shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **shard)
     tok.save_pretrained(out)
@@ -100,6 +100,8 @@ VARIANTS = {
     "llama-mha-sharded-bf16": dict(family="llama", kv_heads=4, layers=3, max_shard_size="100KB", dtype="bfloat16"),
     "qwen2-tied-bias-bf16": dict(family="qwen2", tie=True, dtype="bfloat16"),
     "qwen2-untied-odd-vocab-sharded": dict(family="qwen2", vocab=997, tie=False, max_shard_size="150KB"),
+    "mistral-untied-gqa": dict(family="mistral", tie=False),
+    "mistral-tied-odd-vocab-bf16": dict(family="mistral", vocab=997, tie=True, dtype="bfloat16"),
 }
 
 
@@ -120,32 +122,31 @@ def converted(tmp_path_factory):
 # tables
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_mapping_rows_cover_transformers_state_dict_exactly_once(family, tie):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    fam = families.get(family)
     kw = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, tie_word_embeddings=tie)
-    model = (LlamaForCausalLM(LlamaConfig(**kw)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw)))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fam.model_type, **kw))
     names = set(model.state_dict()) - ({"lm_head.weight"} if tie else set())
-    fam = mapping.FAMILIES[family]
     produced = [n for row in fam.rows_for(tie) for layer in (range(2) if row.per_layer else [None])
                 for n in row.hf_names(layer)]
     assert sorted(produced) == sorted(names)  # each HF tensor made by exactly one row
     assert len({r.dist_key for r in fam.rows}) == len(fam.rows)
-    assert mapping.family_of_hf(model.config.to_dict()) is fam
+    assert families.for_hf(model.config.to_dict()) is fam
 
 
 def test_unknown_architecture_error_names_config_and_value(tmp_path):
-    with pytest.raises(mapping.UnsupportedModelError, match=r"config\.json.*MistralForCausalLM"):
-        mapping.family_of_hf({"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-                             tmp_path / "config.json")
+    with pytest.raises(UnsupportedModelError, match=r"config\.json.*GPT2LMHeadModel"):
+        families.for_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, tmp_path / "config.json")
     hf = build_hf(tmp_path / "m")
     cfg = json.loads((hf / "config.json").read_text())
     cfg["architectures"] = ["GemmaForCausalLM"]
     (hf / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(mapping.UnsupportedModelError) as e:
+    with pytest.raises(UnsupportedModelError) as e:
         hf_to_nemo.convert(hf, tmp_path / "out", progress=False)
     assert str(hf / "config.json") in str(e.value) and "GemmaForCausalLM" in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -166,24 +167,38 @@ HF_CONFIGS = [
      "intermediate_size": 29568, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
      "rope_theta": 1000000.0, "initializer_range": 0.02, "tie_word_embeddings": False, "vocab_size": 152064,
      "max_position_embeddings": 32768, "torch_dtype": "bfloat16", "use_sliding_window": False},
+    {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096,
+     "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+     "rope_theta": 1000000.0, "initializer_range": 0.02, "tie_word_embeddings": False, "vocab_size": 32768,
+     "max_position_embeddings": 32768, "torch_dtype": "bfloat16", "sliding_window": None, "head_dim": 128},
+    {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64,
+     "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+     "rope_theta": 10000.0, "initializer_range": 0.02, "tie_word_embeddings": True, "vocab_size": 1000,
+     "max_position_embeddings": 8192, "torch_dtype": "float32", "sliding_window": 4096, "head_dim": 16},
 ]
 
 
-@pytest.mark.parametrize("hf", HF_CONFIGS, ids=["llama31-8b", "llama-headdim-tied", "qwen25-72b"])
+@pytest.mark.parametrize("hf", HF_CONFIGS, ids=["llama31-8b", "llama-headdim-tied", "qwen25-72b", "mistral-7b-v0.3",
+                                                "mistral-sliding-window"])
 def test_config_tables_round_trip(hf):
-    cls, kw = mapping.nemo_config_kwargs(hf)
-    want = "Qwen2Config" if hf["model_type"] == "qwen2" else "Llama31Config" if "rope_scaling" in hf else "LlamaConfig"
+    fam = families.for_hf(hf)
+    cls, kw = fam.nemo_config(hf)
+    want = {"qwen2": "Qwen2Config", "mistral": "MistralConfig7B"}.get(
+        hf["model_type"], "Llama31Config" if "rope_scaling" in hf else "LlamaConfig")
     assert cls == want
     assert kw["share_embeddings_and_output_weights"] is hf["tie_word_embeddings"]
     assert kw["num_query_groups"] == hf["num_key_value_heads"]
-    assert kw.get("kv_channels") == hf.get("head_dim")  # only set when it is not hidden / heads
-    assert kw["bf16"] is (hf["torch_dtype"] == "bfloat16")
+    if hf.get("head_dim") != hf["hidden_size"] // hf["num_attention_heads"]:
+        assert kw.get("kv_channels") == hf.get("head_dim")  # only set when it is not hidden / heads
+    else:
+        assert "kv_channels" not in kw
+    assert not set(kw) & {"params_dtype", "bf16", "fp16"}  # the dtype is the checkpoint's, not the family's
+    assert dtype_kwargs(hf)["bf16"] is (hf["torch_dtype"] == "bfloat16")
     if hf["model_type"] == "qwen2":
         assert kw["vocab_size"] == hf["vocab_size"]
     else:  # NeMo's LlamaConfig has no vocab_size: the divisor keeps the embedding unpadded
-        assert mapping.padded_vocab(hf["vocab_size"], kw["make_vocab_size_divisible_by"]) == hf["vocab_size"]
-    back = mapping.hf_config_fields(kw, mapping.family_of_hf(hf), vocab_size=hf["vocab_size"],
-                                    torch_dtype=hf["torch_dtype"])
+        assert fam.padded_vocab(hf["vocab_size"]) == hf["vocab_size"]
+    back = fam.hf_config_fields(kw, vocab_size=hf["vocab_size"], torch_dtype=hf["torch_dtype"])
     assert {k: back[k] for k in hf if k in back} == {k: hf[k] for k in hf if k in back}
     assert set(hf) - set(back) <= {"head_dim"}  # head_dim only where transformers has it
     if "rope_scaling" in hf:
@@ -195,8 +210,8 @@ def test_unsupported_config_features_are_refused():
     for change, word in (({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias"),
                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
                          ({"torch_dtype": "float64"}, "torch_dtype")):
-        with pytest.raises(mapping.UnsupportedModelError, match=word):
-            mapping.nemo_config_kwargs({**base, **change}, "x/config.json")
+        with pytest.raises(UnsupportedModelError, match=word):
+            families.for_hf(base).nemo_config({**base, **change}, "x/config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ def test_nemo_side_holds_the_fused_megatron_tensors(converted, variant):
     hf_dir, nemo = converted[variant]
     hf = hf_tensors(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
-    attn = mapping.AttentionShape.from_hf(cfg)
+    attn = AttentionShape.from_hf(cfg)
     got = read_dist_tensors(nemo / "weights")
     assert all(k.startswith("module.") for k in got)
     qkv = got["module.decoder.layers.self_attention.linear_qkv.weight"]
@@ -224,7 +239,7 @@ def test_nemo_side_holds_the_fused_megatron_tensors(converted, variant):
     assert torch.equal(got["module.embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
     assert ("module.output_layer.weight" in got) is (not cfg["tie_word_embeddings"])
     assert ("module.decoder.layers.self_attention.linear_qkv.bias" in got) is (cfg["model_type"] == "qwen2")
-    assert {t.dtype for t in got.values()} == {mapping.DTYPES[cfg["torch_dtype"]]}
+    assert {t.dtype for t in got.values()} == {DTYPES[cfg["torch_dtype"]]}
     assert (nemo / "context" / "nemo_tokenizer" / "tokenizer.json").is_file()
     assert json.loads((nemo / "weights" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
 
@@ -423,19 +438,19 @@ def _run(args, timeout=900):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["llama-untied-llama3-rope", "qwen2-untied-odd-vocab-sharded"])
+@pytest.mark.parametrize("variant", ["llama-untied-llama3-rope", "qwen2-untied-odd-vocab-sharded", "mistral-untied-gqa"])
 def test_nemo_restores_the_conversion_with_hf_logits(converted, variant, tmp_path):
     """recipes.nemo_backend check: NeMo's restore path (context + weights) on CPU, fp32, max |Δlogits| <= 1e-4.
     The Llama has llama3 rope_scaling (with original_max_position_embeddings 256 it changes the low
     rotary frequencies), so a lost rope config would show in the logits."""
     hf_dir, nemo = converted[variant]
     report = _run(["-m", "recipes.nemo_backend", "check", str(hf_dir), str(nemo), "--family",
-                   mapping.family_of_hf(json.loads((hf_dir / "config.json").read_text())).name])
+                   families.for_hf(json.loads((hf_dir / "config.json").read_text())).name])
     assert report["max_abs_diff"] <= 1e-4 and report["prompts"] >= 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_same_tensors_as_nemos_own_importer(family, tmp_path):
     """llm.import_ckpt (``--importer nemo``; NeMo 2.1's Llama importer cannot dump a llama3-rope config,
     so no rope_scaling here) gives the same keys and bit-identical tensors; ours adds only the TE
@@ -463,16 +478,16 @@ def test_same_tensors_as_nemos_own_importer(family, tmp_path):
 _FINETUNE = """
 import sys, fiddle as fdl
 from pathlib import Path
-from recipes import nemo_backend as nb
+from recipes import cpu_shim, nemo_recipe as nr
 from recipes.config import load_config
 from recipes.data import prepare
 hf, nemo, out = map(Path, sys.argv[1:4])
 cfg = load_config(Path(sys.argv[4]), ["train.max_steps=2", f"model.hf_path={hf}", f"output_dir={out}",
                   f"data.dataset_dir={out / 'data'}", "train.val_check_interval=0", "train.limit_val_batches=1"])
 prepare(Path(sys.argv[5]), out / "data", hf, seq_length=cfg.train.seq_length)
-cpu = nb.prepare_process()
-fdl.build(nb.build_recipe(cfg, out, nemo_path=nemo, cpu=cpu))()
-print('{"checkpoint": "%s"}' % nb.last_checkpoint(out))
+cpu = cpu_shim.prepare_process()
+fdl.build(nr.build_recipe(cfg, out, nemo_path=nemo, cpu=cpu))()
+print('{"checkpoint": "%s"}' % nr.last_checkpoint(out))
 """
 
 

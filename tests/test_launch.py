@@ -121,9 +121,9 @@ def test_uncovered_paths_lists_what_no_same_path_mount_shows():
 
 
 def test_train_sets_up_the_process_before_running_the_recipe(monkeypatch):
-    from recipes import nemo_backend
+    from recipes import cpu_shim
     calls = []
-    monkeypatch.setattr(nemo_backend, "prepare_process", lambda cpu=None, **_: calls.append(("prepare", cpu)))
+    monkeypatch.setattr(cpu_shim, "prepare_process", lambda cpu=None, **_: calls.append(("prepare", cpu)))
     assert launch.train(lambda: calls.append(("recipe",)) or "done", cpu=False) == "done"
     assert calls == [("prepare", False), ("recipe",)]
 

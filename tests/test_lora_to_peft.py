@@ -47,15 +47,15 @@ def test_adapter_layout(nemo_lora):
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     d = 48 // 6
     for layer in range(2):
-        a = tensors[lora_key(layer, "q_proj", "A")]
+        a = tensors[lora_key(layer, "self_attn.q_proj", "A")]
         assert a.shape == (8, 48)
-        assert torch.equal(a, tensors[lora_key(layer, "k_proj", "A")])  # NeMo's one shared A
-        assert tensors[lora_key(layer, "q_proj", "B")].shape == (6 * d, 8)
-        assert tensors[lora_key(layer, "k_proj", "B")].shape == (2 * d, 8)
-        assert tensors[lora_key(layer, "gate_proj", "B")].shape == (100, 8)
-        assert tensors[lora_key(layer, "down_proj", "A")].shape == (8, 100)
+        assert torch.equal(a, tensors[lora_key(layer, "self_attn.k_proj", "A")])  # NeMo's one shared A
+        assert tensors[lora_key(layer, "self_attn.q_proj", "B")].shape == (6 * d, 8)
+        assert tensors[lora_key(layer, "self_attn.k_proj", "B")].shape == (2 * d, 8)
+        assert tensors[lora_key(layer, "mlp.gate_proj", "B")].shape == (100, 8)
+        assert tensors[lora_key(layer, "mlp.down_proj", "A")].shape == (8, 100)
     # trained for 3 steps: B is no longer its zero init, so the logit check below means something
-    assert float(tensors[lora_key(1, "v_proj", "B")].abs().sum()) > 0
+    assert float(tensors[lora_key(1, "self_attn.v_proj", "B")].abs().sum()) > 0
 
 
 @pytest.mark.slow
@@ -71,7 +71,7 @@ def test_peft_matches_nemo_lora_logits(nemo_lora):
 @pytest.mark.slow
 def test_wrong_qkv_split_is_caught(nemo_lora, tmp_path):
     cfg, tensors = read_adapter(nemo_lora["adapter"])
-    k, v = lora_key(0, "k_proj", "B"), lora_key(0, "v_proj", "B")
+    k, v = lora_key(0, "self_attn.k_proj", "B"), lora_key(0, "self_attn.v_proj", "B")
     tensors[k], tensors[v] = tensors[v], tensors[k]  # what a naive [q; k; v] reading gets wrong
     bad = write_adapter(tmp_path / "bad", tensors, cfg)
     r = _run(["-m", "convert.verify", "--hf", str(nemo_lora["model"]), "--nemo", str(nemo_lora["ckpt"]),
@@ -95,7 +95,7 @@ def test_adapter_equals_merged_model(nemo_lora):
 def test_errors_name_the_problem(tmp_path):
     assert lora_to_peft_main(["--lora", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     (tmp_path / "exists").mkdir()
-    write_adapter(tmp_path / "a", {lora_key(0, "q_proj", "A"): torch.zeros(2, 4)},
+    write_adapter(tmp_path / "a", {lora_key(0, "self_attn.q_proj", "A"): torch.zeros(2, 4)},
                   {"peft_type": "LORA", "r": 2})
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_adapter(tmp_path / "a", {}, {})

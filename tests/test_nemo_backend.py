@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
-from recipes import nemo_backend as nb
+import families
+from convert import nemo_ckpt as nc
+from recipes import nemo_import as ni, nemo_metrics as nm, nemo_recipe as nr
 from recipes.config import load_config
-from recipes.hf_backend import HF_LORA_TARGETS, HF_SCHEDULERS, hf_lora_targets, training_arguments
+from recipes.hf_backend import HF_SCHEDULERS, hf_lora_targets, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("nemo_configs/*.yaml"))
@@ -105,7 +107,7 @@ OVERRIDES = [
 def test_backends_get_identical_hyperparameters(config, overrides):
     cfg = load_config(config, list(overrides))
     cpu = cfg.train.precision == "fp32" and cfg.train.num_devices == 1  # as the recipe would run
-    nemo = nb.optimizer_settings(cfg, cpu=cpu)
+    nemo = nr.optimizer_settings(cfg, cpu=cpu)
     hf = _hf_resolved(cfg)
     for key, value in hf.items():
         assert nemo[key] == value, f"{config.name} {overrides}: {key}: nemo {nemo[key]!r} != hf {value!r}"
@@ -117,10 +119,11 @@ def test_backends_get_identical_hyperparameters(config, overrides):
         assert (nemo["lora_dim"], nemo["lora_alpha"], nemo["lora_dropout"]) == (
             cfg.lora.dim, cfg.lora.alpha, cfg.lora.dropout)
         # NeMo's module names map onto exactly the HF projections the HF backend adapts
-        mapped = [m for t_ in nemo["lora_targets"] for m in HF_LORA_TARGETS[t_]]
-        assert mapped == hf_lora_targets(cfg.lora.target_modules)
+        modules = families.get(cfg.model.family).lora_modules()
+        mapped = [m for t_ in nemo["lora_targets"] for m in modules[t_].hf_modules]
+        assert mapped == hf_lora_targets(cfg.lora.target_modules, cfg.model.family)
     else:
-        assert "lora_dim" not in nemo and nb.peft_config(cfg.method, cfg.lora) is None
+        assert "lora_dim" not in nemo and nr.peft_config(cfg.method, cfg.lora) is None
 
 
 def _lr_sequences(cfg):
@@ -131,7 +134,7 @@ def _lr_sequences(cfg):
     a = training_arguments(cfg, "/nonexistent", use_cpu=True)
     p = torch.nn.Parameter(torch.zeros(1))
     nemo_opt, hf_opt = torch.optim.SGD([p], lr=cfg.optim.lr), torch.optim.SGD([p], lr=cfg.optim.lr)
-    sched_cfg = nb.optim_config(cfg.optim, cfg.train, cfg.parallel, cpu=True).lr_scheduler
+    sched_cfg = nr.optim_config(cfg.optim, cfg.train, cfg.parallel, cpu=True).lr_scheduler
     nemo_sched = fdl.build(sched_cfg).scheduler(None, nemo_opt)["lr_scheduler"]["scheduler"]
     hf_sched = get_scheduler(a["lr_scheduler_type"], hf_opt, num_warmup_steps=a["warmup_steps"],
                              num_training_steps=a["max_steps"], scheduler_specific_kwargs=a["lr_scheduler_kwargs"])
@@ -149,7 +152,7 @@ def _lr_sequences(cfg):
                          ids=["cosine", "linear", "constant"])
 def test_lr_schedules_agree_after_warmup(overrides):
     """The LR of every step: identical to HF once warmup is over. During warmup the libraries differ
-    (documented in recipes/nemo_backend.py): NeMo lr*(s+1)/(w+1), HF lr*s/w."""
+    (documented in recipes/nemo_recipe.py): NeMo lr*(s+1)/(w+1), HF lr*s/w."""
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", list(overrides))
     w, lr = cfg.optim.warmup_steps, cfg.optim.lr
     nemo, hf = _lr_sequences(cfg)
@@ -168,18 +171,18 @@ def test_lr_schedules_agree_after_warmup(overrides):
 
 def test_cpu_recipe_uses_cpu_settings():
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml")
-    r = nb.build_recipe(cfg, "/tmp/out", cpu=True, with_model=False)
+    r = nr.build_recipe(cfg, "/tmp/out", cpu=True, with_model=False)
     s, d, o = r.trainer.strategy, r.data, r.optim.config
     assert r.trainer.accelerator == "cpu" and r.trainer.plugins.precision == "32"
     assert (s.ckpt_async_save, s.ckpt_parallel_save, s.ckpt_load_directly_on_device) == (False, False, False)
     assert (d.num_workers, d.pin_memory, d.dataset_kwargs["sanity_check_dist_workers"]) == (0, False, False)
     assert d.dataset_kwargs["prompt_template"] == "{input}{output}"  # no space after the assistant header
     assert o.use_distributed_optimizer is False and o.bf16 is False
-    gpu = nb.build_recipe(cfg.replace(**{"train.precision": "bf16-mixed"}), "/tmp/out", cpu=False, with_model=False)
+    gpu = nr.build_recipe(cfg.replace(**{"train.precision": "bf16-mixed"}), "/tmp/out", cpu=False, with_model=False)
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.plugins.precision == "bf16-mixed"
     assert gpu.optim.config.use_distributed_optimizer is True and gpu.optim.config.bf16 is True
     no_dist = cfg.replace(**{"train.precision": "bf16-mixed", "parallel.use_distributed_optimizer": "false"})
-    no_dist_recipe = nb.build_recipe(no_dist, "/tmp/o", cpu=False, with_model=False)
+    no_dist_recipe = nr.build_recipe(no_dist, "/tmp/o", cpu=False, with_model=False)
     assert no_dist_recipe.optim.config.use_distributed_optimizer is False
     assert gpu.trainer.strategy.ckpt_async_save is True and gpu.data.pin_memory is True
     assert "sanity_check_dist_workers" not in gpu.data.dataset_kwargs
@@ -187,7 +190,7 @@ def test_cpu_recipe_uses_cpu_settings():
 
 def test_model_config_mirrors_hf_config_and_turns_fusions_off_on_cpu(tiny):
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", [f"model.hf_path={tiny['model']}"])
-    m = nb.model_config(cfg.model, cfg.train, cpu=True).config
+    m = nr.model_config(cfg.model, cfg.train, cpu=True).config
     hf = json.loads((tiny["model"] / "config.json").read_text())
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
         hf["num_hidden_layers"], hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"],
@@ -201,17 +204,17 @@ def test_model_config_mirrors_hf_config_and_turns_fusions_off_on_cpu(tiny):
 def test_bad_settings_give_errors_naming_the_key_or_file(tmp_path):
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml")
     with pytest.raises(ValueError, match="train.precision"):
-        nb.trainer_config(cfg.replace(**{"train.precision": "bf16-mixed"}), "/tmp/o", cpu=True)
+        nr.trainer_config(cfg.replace(**{"train.precision": "bf16-mixed"}), "/tmp/o", cpu=True)
     with pytest.raises(ValueError, match="train.num_devices"):
-        nb.trainer_config(cfg.replace(**{"train.num_devices": "2"}), "/tmp/o", cpu=True)
+        nr.trainer_config(cfg.replace(**{"train.num_devices": "2"}), "/tmp/o", cpu=True)
     with pytest.raises(ValueError, match="train.packed_sequence"):
-        nb.data_config(cfg.replace(**{"train.packed_sequence": "true", "train.micro_batch_size": "1"}), "/tmp/o",
+        nr.data_config(cfg.replace(**{"train.packed_sequence": "true", "train.micro_batch_size": "1"}), "/tmp/o",
                        cpu=False)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        nb.model_config(cfg.model.__class__(hf_path=str(tmp_path / "missing")), cfg.train, cpu=True)
+        nr.model_config(cfg.model.__class__(hf_path=str(tmp_path / "missing")), cfg.train, cpu=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    with pytest.raises(ValueError, match="model_type 'qwen2' does not match model.family='llama'"):
-        nb.import_hf(tmp_path)
+    with pytest.raises(ValueError, match="is the qwen2 family, not model.family='llama'"):
+        ni.import_hf(tmp_path, family="llama")
 
 
 @pytest.mark.parametrize("config", ["tiny_lora", "tiny_sft"])
@@ -276,14 +279,14 @@ def test_nemo_dataset_builds_the_hf_token_ids_and_metrics_counts(tiny, tmp_path)
     for seq in (384, 128):
         ds = create_sft_dataset(tiny["data"] / "training.jsonl", tokenizer=nemo_tok, seq_length=seq,
                                 memmap_workers=1, index_mapping_dir=str(tmp_path), sanity_check_dist_workers=False,
-                                **nb.SFT_DATASET_KWARGS)
+                                **nr.SFT_DATASET_KWARGS)
         pairs = [tokenize_pair(hf_tok, r["input"], r["output"], seq) for r in records]
         truncated += sum(p.truncated for p in pairs)
         for i, p in enumerate(pairs):
             assert ds[i]["input_ids"] == p.input_ids, f"record {i} (seq {seq}): NeMo and HF token ids differ"
         for start in (0, 8, 16):
             batch = ds.collate_fn([ds[i] for i in range(start, start + 4)])
-            counts = nb.micro_batch_counts(batch["tokens"], batch["loss_mask"])
+            counts = nm.micro_batch_counts(batch["tokens"], batch["loss_mask"])
             group = pairs[start:start + 4]
             assert counts["tokens"] == sum(len(p.input_ids) for p in group) == sum(batch["token_count"])
             assert counts["loss_tokens"] == sum(p.completion_tokens for p in group)
@@ -296,7 +299,7 @@ def test_micro_batch_counts_on_a_handmade_batch():
     # two rows: ids of length 5 (prompt 3, answer 1 + eos) and 3 (prompt 1, answer 1 + eos), shifted
     loss_mask = torch.tensor([[0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
     tokens = torch.zeros_like(loss_mask)
-    assert nb.micro_batch_counts(tokens, loss_mask) == {"tokens": 8, "tokens_padded": 12, "loss_tokens": 4,
+    assert nm.micro_batch_counts(tokens, loss_mask) == {"tokens": 8, "tokens_padded": 12, "loss_tokens": 4,
                                                         "samples": 2}
 
 
@@ -304,11 +307,11 @@ def test_metrics_callback_drops_records_after_the_restored_step(tmp_path):
     from types import SimpleNamespace
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
-    cb = nb.MetricsCallback(str(tmp_path))
+    cb = nm.MetricsCallback(str(tmp_path))
     cb.on_train_start(SimpleNamespace(global_step=4), None)
     cb.timer.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
-    cb = nb.MetricsCallback(str(tmp_path))  # a fresh run (step 0) starts the file again
+    cb = nm.MetricsCallback(str(tmp_path))  # a fresh run (step 0) starts the file again
     cb.on_train_start(SimpleNamespace(global_step=0), None)
     cb.timer.close()
     assert read_metrics(path) == []
@@ -319,11 +322,11 @@ def test_metrics_callback_drops_records_after_the_restored_step(tmp_path):
 
 
 def test_default_nemo_path_and_incomplete_imports(tmp_path):
-    assert nb.default_nemo_path(tmp_path / "m") == tmp_path / "m-nemo"
+    assert ni.default_nemo_path(tmp_path / "m") == tmp_path / "m-nemo"
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     (tmp_path / "m-nemo" / "weights").mkdir(parents=True)
-    assert not nb.import_is_complete(tmp_path / "m", tmp_path / "m-nemo")  # no context/, no marker
+    assert not ni.import_is_complete(tmp_path / "m", tmp_path / "m-nemo")  # no context/, no marker
 
 
 @pytest.mark.slow
@@ -333,14 +336,14 @@ def test_import_keeps_norms_and_logits_match_hf(tiny, imported):
 
     assert imported["logits"]["max_abs_diff"] <= 1e-4 and imported["logits"]["prompts"] >= 3
     nemo_path = Path(imported["nemo_path"])
-    assert nemo_path == nb.default_nemo_path(tiny["model"]) and nb.import_is_complete(tiny["model"], nemo_path)
+    assert nemo_path == ni.default_nemo_path(tiny["model"]) and ni.import_is_complete(tiny["model"], nemo_path)
     hf = load_file(str(tiny["model"] / "model.safetensors"))
     # build_tiny randomises the norms, so a skipped mapping (all 1.0) cannot pass by accident
     assert not torch.equal(hf["model.layers.0.input_layernorm.weight"], torch.ones(64))
     # dist-checkpoint names are TE-style even for the local spec (megatron maps them), stacked by layer
     pre_attn = "module.decoder.layers.self_attention.linear_qkv.layer_norm_weight"
     pre_mlp = "module.decoder.layers.mlp.linear_fc1.layer_norm_weight"
-    got = nb.read_dist_tensors(nemo_path / "weights", [pre_attn, pre_mlp])
+    got = nc.read_dist_tensors(nemo_path / "weights", [pre_attn, pre_mlp])
     for i in range(2):
         assert torch.equal(got[pre_attn][i], hf[f"model.layers.{i}.input_layernorm.weight"])
         assert torch.equal(got[pre_mlp][i], hf[f"model.layers.{i}.post_attention_layernorm.weight"])
@@ -367,7 +370,7 @@ def test_skipped_norm_importer_bug_is_caught(tiny, tmp_path):
     r = _run(["-m", "recipes.nemo_backend", "import", str(tiny["model"]), "--output", str(bad), *patch,
               "--no-norm-check", "--check-logits"], check=False)
     assert r.returncode == 1 and "NeMo logits differ" in r.stderr, r.stderr[-3000:]
-    assert not nb.import_is_complete(tiny["model"], bad, "nemo")  # an unchecked import is never reused
+    assert not ni.import_is_complete(tiny["model"], bad, "nemo")  # an unchecked import is never reused
 
 
 @pytest.mark.slow
@@ -393,9 +396,9 @@ def test_qwen2_import_with_tied_embeddings_and_own_vocab(tiny):
                               "--check-logits"]).stdout)
     assert report["logits"]["max_abs_diff"] <= 1e-4
     weights = Path(report["nemo_path"]) / "weights"
-    emb = nb.read_dist_tensors(weights, ["module.embedding.word_embeddings.weight"])
+    emb = nc.read_dist_tensors(weights, ["module.embedding.word_embeddings.weight"])
     assert emb["module.embedding.word_embeddings.weight"].shape == (len(tok), 64)
-    assert not any(k.startswith("module.output_layer") for k in nb.dist_checkpoint_keys(weights))  # tied
+    assert not any(k.startswith("module.output_layer") for k in nc.dist_checkpoint_keys(weights))  # tied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,8 +427,8 @@ def test_nemo_run_loss_falls_writes_metrics_and_checkpoint(config, tiny, importe
     first, last = _mean(losses[:3]), _mean(losses[-3:])
     assert last < first - (0.1 if config == "tiny_lora" else 0.5), (first, last)
     assert (out / "resolved_config.yaml").is_file() and (out / "nemo_recipe.txt").is_file()
-    assert ckpt == nb.last_checkpoint(out) and (ckpt / "weights").is_dir() and (ckpt / "context").is_dir()
-    keys = nb.dist_checkpoint_keys(ckpt / "weights")
+    assert ckpt == nr.last_checkpoint(out) and (ckpt / "weights").is_dir() and (ckpt / "context").is_dir()
+    keys = nc.dist_checkpoint_keys(ckpt / "weights")
     model_keys = [k for k in keys if k.startswith("module.")]
     if config == "tiny_lora":  # adapters only, pointing at the imported base
         assert model_keys and all(".adapter." in k for k in model_keys)
@@ -465,7 +468,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, imported, tmp_path):
     killed = read_metrics(metrics)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6], "the first run was not killed mid-way"
     assert len(killed) < 8, "the first run finished before it was killed"
-    assert nb.checkpoint_step(nb.last_checkpoint(out)) == 3  # NeMo names it by the 0-based step index
+    assert nr.checkpoint_step(nr.last_checkpoint(out)) == 3  # NeMo names it by the 0-based step index
 
     _finetune("tiny_lora", tiny, out, *overrides)
     resumed = read_metrics(metrics)

@@ -20,12 +20,12 @@ from recipes.validate import layout_problems, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION = ["swallow_8b_lora", "swallow_8b_sft", "swallow_70b_lora", "llama31_70b_lora", "qwen25_72b_lora",
-              "athene_v2_lora", "swallow_70b_sft"]
+              "athene_v2_lora", "swallow_70b_sft", "mistral_7b_lora"]
 EXPECTED = {  # name: (architecture, method, TP, PP, nodes)
     "swallow_8b_lora": ("llama31_8b", "lora", 1, 1, 1), "swallow_8b_sft": ("llama31_8b", "sft", 2, 1, 1),
     "swallow_70b_lora": ("llama31_70b", "lora", 8, 1, 1), "llama31_70b_lora": ("llama31_70b", "lora", 8, 1, 1),
     "qwen25_72b_lora": ("qwen25_72b", "lora", 8, 1, 1), "athene_v2_lora": ("qwen25_72b", "lora", 8, 1, 1),
-    "swallow_70b_sft": ("llama31_70b", "sft", 8, 4, 4),
+    "swallow_70b_sft": ("llama31_70b", "sft", 8, 4, 4), "mistral_7b_lora": ("mistral_7b", "lora", 1, 1, 1),
 }
 
 
@@ -125,10 +125,14 @@ def test_model_config_is_built_from_the_real_shape(name, tmp_path):
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size) == (
         arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size)
     assert m.seq_length == cfg.train.seq_length
-    if arch.family == "llama":  # Llama 3.1 rope scaling; Megatron pads the vocab (recipes.memory.padded_vocab)
-        assert m.scale_factor == 8.0 and m.make_vocab_size_divisible_by == arch.make_vocab_size_divisible_by
-    else:  # Qwen2: the real 152064-row vocabulary, fixed (not padded)
+    if arch.rope_scaling:  # Llama 3.1 rope scaling
+        assert m.scale_factor == 8.0
+    if arch.vocab_is_preset:  # Qwen2: the real 152064-row vocabulary, fixed (not padded)
         assert m.vocab_size == arch.vocab_size == 152064
+    else:  # Megatron pads the vocab (recipes.memory.padded_vocab)
+        assert m.make_vocab_size_divisible_by == arch.make_vocab_size_divisible_by
+    if arch.family == "mistral":  # v0.3: no sliding window (MistralConfig7B's default [4096, 0] overridden)
+        assert m.window_size is None
 
 
 @pytest.mark.parametrize("name", PRODUCTION)

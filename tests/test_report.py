@@ -12,15 +12,15 @@ import pytest
 
 from benchmarks.flops import flops_model, lora_params, matmul_params, model_shape, peak_tflops
 from benchmarks.report import build_report, default_output, main, measured_records, per_step_times, percentile
+from benchmarks.runs import RunsDiffer
 from benchmarks.sampler import ResourceSampler
-from benchmarks.train_speed import RunsDiffer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/bench/runs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The tiny preset (artifacts/models/tiny/config.json, also recorded in the fixtures' bench_run.json).
-TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "vocab_size": 1000,
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "vocab_size": 1000,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True}
 
 
@@ -107,6 +107,7 @@ def test_percentile_matches_numpy():
     xs = [0.3, 0.1, 0.7, 0.2, 0.5]
     for q in (0, 10, 50, 90, 100):
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert np.isnan(percentile([], 50))  # no values
 
 
 def test_records_covering_several_steps_are_divided():

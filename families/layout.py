@@ -1,4 +1,4 @@
-"""Pure tensor layout maths between Hugging Face and Megatron/NeMo Llama-family weights.
+"""Pure tensor layout maths between Hugging Face and Megatron/NeMo decoder weights (every family).
 
 No I/O, no sharding. Megatron fuses q/k/v into one ``linear_qkv`` and gate/up into one ``linear_fc1``:
 

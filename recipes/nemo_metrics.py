@@ -1,0 +1,75 @@
+"""``metrics.jsonl`` from a NeMo run: the Lightning callback and the per-micro-batch token counts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from benchmarks.metrics import METRICS_FILE, StepTimer
+from recipes.fileio import write_text_atomic
+
+
+def micro_batch_counts(tokens, loss_mask) -> dict[str, int]:
+    """metrics.jsonl counts for one NeMo SFT micro-batch (after gpt_data_step).
+
+    GPTSFTDataset.collate_fn shifts the sequence: ``tokens = ids[:-1]``, ``loss_mask = mask[1:]``, and
+    pads ``tokens`` with the EOS id (so padding cannot be told from a real EOS by value). The loss
+    covers the answer and its EOS, the last real token, whose label sits at index ``len(ids) - 2``:
+    a row's unpadded length ``len(ids)`` (what the HF backend counts, ``len(tokenize_pair(...).input_ids)``)
+    is therefore its last loss position + 2. A row without loss tokens (cannot happen with
+    answer_only_loss and add_eos) would count 0.
+    """
+    import torch
+    lm = loss_mask.bool()
+    b, s = lm.shape
+    pos = torch.arange(s).expand(b, s)
+    last = torch.where(lm, pos, torch.full_like(pos, -2)).max(dim=1).values
+    return {"tokens": int((last + 2).sum()), "tokens_padded": int(tokens.numel()),
+            "loss_tokens": int(lm.sum()), "samples": int(b)}
+
+
+class MetricsCallback(Callback):
+    """Writes ``metrics.jsonl`` (benchmarks.metrics.StepTimer, backend "nemo"): one record per optimizer
+    step with the global step after it, reduced_train_loss, the lr the step used and token counts.
+
+    The batch is only visible inside Megatron's forward-backward loop, so the counts come from the
+    ``on_megatron_microbatch_start`` hook that MegatronStrategy forwards to trainer callbacks (one
+    call per micro-batch; ``step.forward_only`` tells validation apart). On resume the records after
+    the restored step are dropped and the file is appended to, so step numbers continue. A
+    checkpoint save happens after a step's record is written, so its time lands in the next step's
+    ``step_time_s`` (the HF backend saves only at the end).
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = str(output_dir)
+        self.timer = None
+        self._lr = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        path = Path(self.output_dir) / METRICS_FILE
+        resumed = trainer.global_step > 0 and path.is_file()
+        if resumed:
+            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= trainer.global_step]
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
+        self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.timer.begin()
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+
+    def on_megatron_microbatch_start(self, step, batch, forward_callback) -> None:
+        if self.timer is not None and not step.forward_only and batch.get("loss_mask") is not None:
+            self.timer.add_batch(**micro_batch_counts(batch["tokens"], batch["loss_mask"]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("reduced_train_loss")
+        if loss is None and isinstance(outputs, dict):
+            loss = outputs.get("loss")
+        self.timer.end(trainer.global_step, None if loss is None else float(loss), self._lr)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.timer is not None:
+            self.timer.close()
+
