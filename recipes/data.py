@@ -56,7 +56,7 @@ class DataError(ValueError):
 # Reading: every reader yields (row number as a person sees it, {column: value}).
 
 
-def _read_csv(path: Path, errors: list[str]) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, errors: list[str], required: tuple[str, ...] = REQUIRED) -> list[tuple[int, dict]]:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -77,10 +77,10 @@ def _read_csv(path: Path, errors: list[str]) -> list[tuple[int, dict]]:
         errors.append(f"{path}:{reader.line_num}: malformed CSV ({e})")
         return []
     # Row numbers count records as Excel shows them (a quoted multi-line cell is one row).
-    return _table_rows(path, rows, errors)
+    return _table_rows(path, rows, errors, required)
 
 
-def _read_xlsx(path: Path, errors: list[str]) -> list[tuple[int, dict]]:
+def _read_xlsx(path: Path, errors: list[str], required: tuple[str, ...] = REQUIRED) -> list[tuple[int, dict]]:
     from openpyxl import load_workbook
     try:
         wb = load_workbook(path, data_only=True)  # data_only: values of formulas, not formulas
@@ -89,15 +89,16 @@ def _read_xlsx(path: Path, errors: list[str]) -> list[tuple[int, dict]]:
         return []
     ws = wb.worksheets[0]
     rows = [["" if v is None else v for v in r] for r in ws.iter_rows(values_only=True)]
-    return _table_rows(path, rows, errors)
+    return _table_rows(path, rows, errors, required)
 
 
-def _table_rows(path: Path, rows: list[list], errors: list[str]) -> list[tuple[int, dict]]:
+def _table_rows(path: Path, rows: list[list], errors: list[str],
+                required: tuple[str, ...] = REQUIRED) -> list[tuple[int, dict]]:
     if not rows or not any(str(c).strip() for c in rows[0]):
-        errors.append(f"{path}:1: empty file: no header row (expected columns {', '.join(REQUIRED)})")
+        errors.append(f"{path}:1: empty file: no header row (expected columns {', '.join(required)})")
         return []
     header = [str(c).strip().lower() for c in rows[0]]
-    missing = [c for c in REQUIRED if c not in header]
+    missing = [c for c in required if c not in header]
     for c in missing:
         errors.append(f"{path}:1: field '{c}': missing column (header is: {', '.join(header)})")
     dup = sorted({c for c in header if c and header.count(c) > 1})
@@ -117,7 +118,7 @@ def _table_rows(path: Path, rows: list[list], errors: list[str]) -> list[tuple[i
     return out
 
 
-def _read_jsonl(path: Path, errors: list[str]) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path, errors: list[str], required: tuple[str, ...] = REQUIRED) -> list[tuple[int, dict]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -176,8 +177,9 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def read_records(input_path: str | os.PathLike) -> list[Record]:
-    """Read and validate a raw file; raise DataError listing every problem."""
+def read_rows(input_path: str | os.PathLike, required: tuple[str, ...] = REQUIRED) -> list[tuple[int, dict]]:
+    """``(row number, {column: value})`` of a raw CSV/XLSX/JSONL file; DataError for a file-level problem
+    (a table's header must have the ``required`` columns)."""
     path = Path(input_path)
     errors: list[str] = []
     reader = READERS.get(path.suffix.lower())
@@ -186,11 +188,20 @@ def read_records(input_path: str | os.PathLike) -> list[Record]:
     if not path.is_file():
         raise DataError([f"{path}: cannot read: no such file"])
     try:
-        rows = reader(path, errors)
+        rows = reader(path, errors, required)
     except OSError as e:
         raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
+    if errors:
+        raise DataError(errors)
+    return rows
+
+
+def read_records(input_path: str | os.PathLike) -> list[Record]:
+    """Read and validate a raw file; raise DataError listing every problem."""
+    path = Path(input_path)
+    errors: list[str] = []
     records = []
-    for i, raw in rows:
+    for i, raw in read_rows(path):
         rec, errs = _validate(path, i, raw)
         errors.extend(errs)
         if rec:
@@ -200,6 +211,33 @@ def read_records(input_path: str | os.PathLike) -> list[Record]:
     if errors:
         raise DataError(errors)
     return records
+
+
+def read_text_pairs(input_path: str | os.PathLike, fields: tuple[str, ...] = ("draft", "final")) -> list[tuple[int, dict]]:
+    """``(row number, {field: text})`` for the given text fields of every row of a raw file, as written
+    (not normalised); other columns are ignored. DataError naming file, row and field for a missing,
+    non-text or empty field."""
+    path = Path(input_path)
+    errors, out = [], []
+    for i, raw in read_rows(path, fields):
+        row = {}
+        for f in fields:
+            v = raw.get(f)
+            if v is not None and not isinstance(v, (str, int, float)):
+                errors.append(f"{path}:{i}: field '{f}': expected text, got {type(v).__name__}")
+            elif _text(v) is None:
+                errors.append(f"{path}:{i}: field '{f}': missing")
+            elif not _text(v).strip():
+                errors.append(f"{path}:{i}: field '{f}': empty text")
+            else:
+                row[f] = _text(v)
+        if len(row) == len(fields):
+            out.append((i, row))
+    if not errors and not out:
+        errors.append(f"{path}: no data rows")
+    if errors:
+        raise DataError(errors)
+    return out
 
 
 def _validate(path: Path | str, i: int, raw: dict, loc: str | None = None) -> tuple[Record | None, list[str]]:

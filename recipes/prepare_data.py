@@ -10,6 +10,9 @@ URL (SQLite file, snowflake://...) instead of a file; each saved draft with its 
 row, checked, normalised and split exactly like a file row (errors name the table, id and column):
 :func:`prepare_from_db` reads them with review_app.store and hands them to ``recipes.data.prepare_rows``.
 
+Pairs whose final breaks fact fidelity against its draft (a number, sign, unit, period or instrument
+changed: benchmarks.fidelity) are reported, not dropped: such pairs teach the model to change facts. The
+report is printed and written to ``OUTPUT/fidelity.json`` (one object per pair with findings).
 Exit status 0 on success, 2 when the input has errors (every bad row is printed as
 ``FILE:ROW: field 'X': message``) or the output directory is unsafe to write; nothing is written then.
 """
@@ -19,7 +22,9 @@ import argparse
 import json
 import sys
 
-from recipes.data import DataError, prepare, prepare_rows
+from benchmarks.fidelity import compare
+from recipes.data import DataError, prepare, prepare_rows, read_text_pairs
+from recipes.fileio import write_json_atomic
 
 
 def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 512, test_months: int = 1,
@@ -28,7 +33,8 @@ def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 51
     ``snowflake://...``): the saved drafts and edited finals become the next training set, through
     the same validation, normalisation, dedupe, time split and output format. Each problem reads
     ``URL table T id N: field 'X': message`` (X is the table's column); a database that cannot be
-    read is a DataError too. Nothing is created in the database."""
+    read is a DataError too. No row is written; a version-1 review database gets its schema migrated
+    (review_app.store: the findings column is added)."""
     from review_app.store import FIELD_COLUMNS, TABLE, StoreError, export_rows, safe_url, sqlite_path
     try:
         return prepare_rows(export_rows(db_url), output_dir, tokenizer_dir, seq_length, test_months, val_months,
@@ -36,6 +42,32 @@ def prepare_from_db(db_url: str, output_dir, tokenizer_dir, seq_length: int = 51
                             columns=FIELD_COLUMNS, input_path=sqlite_path(db_url))
     except StoreError as e:  # raised while the rows are read
         raise DataError([str(e)]) from None
+
+
+def fidelity_report(pairs, where: str) -> dict:
+    """``{"pairs", "with_findings", "rows": [{"row", "findings"}]}`` for ``(row, {draft, final})`` pairs."""
+    rows, n = [], 0
+    for line, row in pairs:
+        n += 1
+        c = compare(str(row["draft"]), str(row["final"]))
+        if c.findings:
+            rows.append({"row": f"{where}:{line}", "findings": [f.to_dict() for f in c.findings]})
+    return {"pairs": n, "with_findings": len(rows), "rows": rows}
+
+
+def report_fidelity(report: dict, output_dir, show: int = 5) -> None:
+    """Print the pairs with findings (a warning: they are kept) and write ``fidelity.json`` beside the data."""
+    from pathlib import Path
+    write_json_atomic(Path(output_dir) / "fidelity.json", report)
+    if not report["with_findings"]:
+        print(f"fact fidelity: every final keeps the numbers and names of its draft ({report['pairs']} pairs)")
+        return
+    print(f"warning: {report['with_findings']} of {report['pairs']} pair(s) have a final that changes a fact of its "
+          "draft (kept; such pairs teach the model to change facts):", file=sys.stderr)
+    for r in report["rows"][:show]:
+        print(f"  {r['row']}: " + "; ".join(f["message"] for f in r["findings"]), file=sys.stderr)
+    if report["with_findings"] > show:
+        print(f"  ... all of them: {Path(output_dir) / 'fidelity.json'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             from review_app.store import safe_url  # SQLAlchemy only when a database is read
             source = safe_url(args.from_db)
             stats = prepare_from_db(args.from_db, args.output, args.tokenizer, **options)
+            from review_app.store import TABLE, export_rows
+            fidelity = fidelity_report(export_rows(args.from_db), f"{source} table {TABLE} id")
         else:
             stats = prepare(args.input, args.output, args.tokenizer, **options)
+            fidelity = fidelity_report(read_text_pairs(args.input), args.input)
     except DataError as e:
         print(f"error: {source}: {len(e.errors)} problem(s), nothing written:", file=sys.stderr)
         for line in e.errors:
@@ -75,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: stats[k] for k in ("rows", "duplicates_dropped", "months", "truncated")}
     print(f"wrote {args.output}:")
     print(json.dumps(summary, ensure_ascii=False, indent=1))
+    report_fidelity(fidelity, args.output)
     n_trunc = sum(stats["truncated"].values())
     if n_trunc:  # NeMo and the HF backend cut such prompts from the end: the draft loses its tail
         print(f"warning: {n_trunc} row(s) are longer than --seq-length {args.seq_length} tokens "
