@@ -3,11 +3,18 @@
 The same schema works on a local SQLite file (the default, ``sqlite:///runs/review.db``) and on
 Snowflake (``snowflake://user:pass@account/db/schema?warehouse=...``, snowflake-sqlalchemy): the
 tables are created from :data:`metadata` (``create_all``), and a one-row version table records
-which schema a database holds, so a later app can refuse (or migrate) an older or newer one.
+which schema a database holds. Opening a database of an older version migrates it in place
+(:data:`MIGRATIONS`: version 1 -> 2 adds the ``findings`` column, NULL in the rows already saved, and
+updates the version row); a newer or unknown version, or a migration the database refuses, is a
+StoreError naming the database and both versions.
 
 Each saved review keeps what the model was asked and by whom: fund, section, month, the draft, the
 model output, the edited final text, the model name and adapter that produced the output, the
-prompt version (recipes.prompt.PROMPT_VERSION), the user and the UTC time of saving.
+prompt version (recipes.prompt.PROMPT_VERSION), the user and the UTC time of saving, and the
+fact-fidelity findings of the final against the draft as the app showed them (a JSON list of finding
+dicts, ``[]`` when every number and instrument matched; NULL for a review saved before schema
+version 2). This module stores the findings it is given; it does not compute them (review_app.app
+does, with benchmarks.fidelity).
 
 This module owns the table, so it also reads it back for training: :func:`export_rows` yields the
 saved reviews in the raw-row form recipes/data.py validates (``python -m recipes.prepare_data
@@ -17,19 +24,20 @@ section and month are checked by recipes.schema's rules, the ones training rows 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sqlalchemy import (Column, DateTime, Integer, MetaData, Sequence, String, Table, Text, TypeDecorator,
-                        create_engine, func, inspect, insert, select)
+                        create_engine, func, inspect, insert, select, text, update)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from recipes.prompt import PROMPT_VERSION
 from recipes.schema import SECTIONS, parse_month
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLE = "review_comments"
 VERSION_TABLE = "review_schema_version"
 DEFAULT_DB_URL = "sqlite:///runs/review.db"
@@ -57,6 +65,19 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+class JSONText(TypeDecorator):
+    """A JSON value kept as plain TEXT (the same on SQLite and Snowflake): ``json.dumps`` on the way
+    in (non-ASCII kept as is), ``json.loads`` on the way out; None stays NULL."""
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else json.loads(value)
+
+
 metadata = MetaData()
 
 # Sequence: Snowflake has no autoincrement without one (snowflake-sqlalchemy); SQLite ignores it and
@@ -75,6 +96,9 @@ reviews = Table(
     Column("prompt_version", String(20), nullable=False),
     Column("user_name", String(100), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False, comment="UTC"),
+    # schema version 2
+    Column("findings", JSONText(), nullable=True,
+           comment="fact-fidelity findings, draft -> final (JSON list; [] none; NULL saved before version 2)"),
     comment="draft -> model output -> reviewed final (review_app); training data via --from-db",
 )
 
@@ -98,6 +122,8 @@ class Review:
     adapter: str | None = None
     prompt_version: str = PROMPT_VERSION
     user_name: str | None = None
+    # benchmarks.fidelity Finding.to_dict() of each finding, final against draft; [] none; None not checked
+    findings: list[dict] | None = None
     id: int | None = None
     created_at: dt.datetime | None = field(default=None, compare=False)
 
@@ -112,6 +138,15 @@ class Review:
             out.append(f"field 'section': unknown section {self.section!r} (expected {' / '.join(SECTIONS)})")
         if not isinstance(self.month, str) or parse_month(self.month) != self.month:
             out.append(f"field 'month': bad month {self.month!r} (expected YYYY-MM)")
+        if self.findings is not None:
+            if not isinstance(self.findings, list) or not all(isinstance(f, dict) for f in self.findings):
+                out.append("field 'findings': expected a list of finding dicts or None, got "
+                           f"{type(self.findings).__name__}")
+            else:
+                try:
+                    json.dumps(self.findings, ensure_ascii=False)
+                except (TypeError, ValueError) as e:
+                    out.append(f"field 'findings': not JSON ({e})")
         return out
 
 
@@ -133,6 +168,32 @@ def sqlite_path(url: str) -> Path | None:
     if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
         return None
     return Path(u.database)
+
+
+def add_column_ddl(column: Column, dialect) -> str:
+    """``ALTER TABLE <table> ADD COLUMN <column> <type>`` for one column of :data:`reviews`, in the
+    dialect's quoting and type names (SQLAlchemy Core has no ADD COLUMN construct; SQLite and
+    Snowflake both accept this form). The column must be nullable: the rows already there get NULL."""
+    if not column.nullable:
+        raise ValueError(f"column {column.name}: a column added to a table with rows must be nullable")
+    prep = dialect.identifier_preparer
+    return (f"ALTER TABLE {prep.format_table(column.table)} ADD COLUMN {prep.format_column(column)} "
+            f"{column.type.compile(dialect=dialect)}")
+
+
+def _column_names(conn: Connection) -> set[str]:
+    return {c["name"] for c in inspect(conn).get_columns(TABLE)}
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    """Version 2 adds ``findings``. Idempotent: SQLite runs ALTER TABLE outside the transaction that
+    updates the version row, so a migration cut off between the two finds the column already there."""
+    if "findings" not in _column_names(conn):
+        conn.execute(text(add_column_ddl(reviews.c.findings, conn.dialect)))
+
+
+# from-version -> the step to from-version + 1 (run in one transaction with the version row's update)
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
 
 
 def _row_to_review(row) -> Review:
@@ -183,19 +244,62 @@ class ReviewStore:
                 conn.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=_now()))
 
     def check_version(self) -> int:
-        """The database's schema version; StoreError when the tables are missing or it is not ours."""
+        """The database's schema version, after migrating an older one in place (:meth:`migrate`);
+        StoreError when the tables are missing, the version is newer or unknown, a migration fails,
+        or a column of :data:`reviews` is missing."""
         names = set(inspect(self.engine).get_table_names())
         missing = [t for t in (TABLE, VERSION_TABLE) if t not in names]
         if missing:
             raise StoreError(f"{safe_url(self.url)}: no table {', '.join(missing)} "
                              "(nothing saved yet, or not a review_app database)")
-        with self.engine.connect() as conn:
-            found = conn.execute(select(func.max(schema_version.c.version))).scalar_one()
+        found = self._version()
         if found != SCHEMA_VERSION:
-            fix = "upgrade review_app" if (found or 0) > SCHEMA_VERSION else "migrate the database"
-            raise StoreError(f"{safe_url(self.url)}: schema version {found}, this code reads version "
-                             f"{SCHEMA_VERSION}; {fix}")
+            if found is None or found > SCHEMA_VERSION or any(v not in MIGRATIONS
+                                                              for v in range(found, SCHEMA_VERSION)):
+                fix = "upgrade review_app" if (found or 0) > SCHEMA_VERSION else "no migration from it is known"
+                raise StoreError(f"{safe_url(self.url)}: schema version {found}, this code reads version "
+                                 f"{SCHEMA_VERSION}; {fix}")
+            found = self.migrate(found)
+        with self.engine.connect() as conn:
+            missing = [c.name for c in reviews.columns if c.name not in _column_names(conn)]
+        if missing:
+            raise StoreError(f"{safe_url(self.url)}: schema version {found} but table {TABLE} has no column "
+                             f"{', '.join(missing)}; not a database this code wrote")
         return found
+
+    def _version(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(schema_version.c.version))).scalar_one()
+
+    def migrate(self, found: int) -> int:
+        """Bring a database of schema version ``found`` to :data:`SCHEMA_VERSION`, one step per
+        transaction (each step and its version-row update together). StoreError naming the database
+        and the versions when the database refuses (e.g. a role that may not ALTER TABLE); the steps
+        already done stay done. Two apps opening the same old database at once: the one that loses
+        the race re-reads the version and finds it migrated."""
+        version = found
+        while version < SCHEMA_VERSION:
+            for attempt in (1, 2):
+                try:
+                    with self.engine.begin() as conn:
+                        now_at = conn.execute(select(func.max(schema_version.c.version))).scalar_one()
+                        if now_at != version:  # another process migrated it meanwhile
+                            break
+                        MIGRATIONS[version](conn)
+                        conn.execute(update(schema_version).where(schema_version.c.version == version)
+                                     .values(version=version + 1, applied_at=_now()))
+                    break
+                except SQLAlchemyError as e:
+                    if attempt == 2:
+                        raise StoreError(f"{safe_url(self.url)}: schema version {found}, this code reads version "
+                                         f"{SCHEMA_VERSION}; migrating from version {version} to {version + 1} "
+                                         f"failed ({type(e).__name__}: {e}); migrate it by hand or with a role "
+                                         "that may ALTER TABLE") from None
+            before, version = version, self._version()
+            if version is None or version <= before or version > SCHEMA_VERSION:
+                raise StoreError(f"{safe_url(self.url)}: schema version {before} became {version} while "
+                                 f"migrating to version {SCHEMA_VERSION}")
+        return version
 
     def save(self, review: Review) -> int:
         """Insert one review in a transaction; return its id."""

@@ -1,19 +1,26 @@
 """The review page driven by Streamlit's AppTest: draft -> Ask LLM (a real vLLM server for the slow
-tests) -> edit -> Save Changes -> history; the error path with nothing listening; settings; and a
-screenshot of the running page with headless Chromium."""
+tests) -> edit -> Save Changes -> history; the error path with nothing listening; settings; the
+fact-fidelity check before saving (tests/fault_server.py answers with the draft); and a screenshot of
+the running page with headless Chromium."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fault_server import FaultServer  # noqa: E402
+
+from benchmarks.fidelity import compare
 from recipes.prompt import PROMPT_VERSION, build_messages
 from recipes.schema import normalize_text
 from benchmarks.serve import free_port
 from review_app.screenshot import find_chromium, png_size, screenshot
 from review_app.settings import ENV, Settings, add_arguments, from_args
+from review_app.diff import Mark, marked_html
 from review_app.store import Review, ReviewStore
 
 APP = str(Path(__file__).resolve().parents[1] / "review_app" / "app.py")
@@ -129,6 +136,119 @@ def test_settings_from_options_and_environment():
         Settings.from_env({"REVIEW_TIMEOUT": "soon"})
     with pytest.raises(ValueError, match="provider"):
         Settings(provider="other")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fact fidelity before saving (a fake OpenAI-compatible server that answers with the draft)
+
+FACT_DRAFT = "ﾌｧﾝﾄﾞの基準価額は前月末比で2.1%上昇しました。TOPIXは<堅調>でした。"
+CONFIRM = "数値の相違を確認しました / I have checked the differences"
+
+
+@pytest.fixture
+def echo_server(app_env):
+    with FaultServer(models=("echo",)) as server:
+        app_env(base_url=server.base_url, model="echo", timeout=10)
+        yield server
+
+
+def _asked(draft=FACT_DRAFT):
+    at = _fill(_page(), draft=draft)
+    at.button(key="ask").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    return at
+
+
+def _fact_warnings(at) -> list[str]:
+    return [w.value for w in at.warning if "difference(s) in numbers or instruments" in w.value]
+
+
+def test_a_changed_number_is_shown_and_needs_a_confirmation(echo_server, db_url):
+    at = _asked()
+    answer = at.text_area(key="edited").value
+    assert answer == normalize_text(FACT_DRAFT)  # the fake model gives the (normalised) draft back
+    # unchanged numbers: said so, no confirmation asked, no marked view
+    assert [i.value for i in at.info] == ["数値・銘柄はすべて下書きと一致しています / The numbers and instruments "
+                                          "all match the draft (2 checked)"]
+    assert not _fact_warnings(at) and not at.checkbox and len(at.html) == 2
+
+    edited = answer.replace("2.1%", "2.3%")
+    at.text_area(key="edited").input(edited).run()
+    expected = compare(FACT_DRAFT, edited).findings
+    assert [f.kind for f in expected] == ["value_changed"]
+    warning, = _fact_warnings(at)
+    assert "数値・銘柄の相違 1 件 / 1 difference(s)" in warning
+    assert f"- `value_changed` {expected[0].message}" in warning and "2.1% (mom) in the draft" in warning
+    assert [c.label for c in at.checkbox] == [CONFIRM] and at.checkbox(key="fidelity_ok").value is False
+    marked = at.html[2].proto.body  # after the two diffs: the draft and the edited text, facts marked
+    assert marked.count('<mark class="fact-finding"') == 2  # 2.1% in the draft, 2.3% in the edit
+    assert ">2.1%</mark>" in marked and ">2.3%</mark>" in marked
+    assert marked.count('<mark class="fact-fact"') == 2 and ">TOPIX</mark>" in marked  # kept: marked lightly
+    assert "&lt;堅調&gt;" in marked and "<堅調>" not in marked
+
+    at.button(key="save").click().run()  # not confirmed: refused, with a message in both languages
+    assert [e.value for e in at.error] == ["数値・銘柄が下書きと異なります。相違を確認し「数値の相違を確認しました」にチェックを入れてから"
+                                           "保存してください / The numbers or instruments differ from the draft: check "
+                                           'the differences and tick "I have checked the differences" before saving']
+    assert not at.success and ReviewStore(db_url).count() == 0
+
+    at.checkbox(key="fidelity_ok").check().run()
+    edited2 = edited.replace("TOPIX", "日経平均株価")  # edited again after ticking: the tick is cleared
+    at.text_area(key="edited").input(edited2).run()
+    assert at.checkbox(key="fidelity_ok").value is False
+    assert "`missing`" in _fact_warnings(at)[0] and "`added`" in _fact_warnings(at)[0]
+    at.button(key="save").click().run()
+    assert "check the differences" in at.error[0].value and ReviewStore(db_url).count() == 0
+
+    at.text_area(key="edited").input(edited).run()
+    at.checkbox(key="fidelity_ok").check().run()
+    at.button(key="save").click().run()
+    assert not at.error and [s.value for s in at.success] == ["保存しました / Saved as #1"]
+
+    r = ReviewStore(db_url).get(1)  # read back from the database
+    assert (r.draft, r.model_output, r.final) == (FACT_DRAFT, answer, edited)
+    assert r.findings == [f.to_dict() for f in expected]
+    f = r.findings[0]
+    assert f["kind"] == "value_changed" and f["message"] == expected[0].message
+    assert r.draft[slice(*f["draft_span"])] == "2.1%" and r.final[slice(*f["final_span"])] == "2.3%"
+
+    fresh = _page()  # the history shows how many findings were saved, and which
+    assert list(fresh.dataframe[0].value["findings"]) == [1]
+    assert any(f"`value_changed` {expected[0].message}" in m.value for m in fresh.markdown)
+
+
+def test_a_text_without_findings_saves_as_before(echo_server, db_url):
+    at = _asked()
+    edited = at.text_area(key="edited").value.replace("でした。", "に推移しました。")  # wording only
+    at.text_area(key="edited").input(edited).run()
+    assert "all match the draft" in at.info[0].value and not _fact_warnings(at) and not at.checkbox
+    at.button(key="save").click().run()
+    assert not at.error and [s.value for s in at.success] == ["保存しました / Saved as #1"]
+    r = ReviewStore(db_url).get(1)
+    assert r.final == edited and r.findings == []
+    fresh = _page()
+    assert list(fresh.dataframe[0].value["findings"]) == [0]
+
+
+def test_the_marked_view_escapes_the_text():
+    from review_app.app import findings_html
+    text = '<script>alert("x")</script> & 2.1%下落 <b>'
+    start = text.index("2.1%")
+    out = marked_html(text, [Mark(start, start + 4, "finding", 'value changed: "-2.1%" <in> the draft'),
+                             Mark(0, 8, "fact", "")])
+    assert "<script>" not in out and "<b>" not in out
+    assert out.count("<mark") == 2 and out.count("</mark>") == 2
+    assert '<mark class="fact-fact" style=' in out and "&lt;script&gt;</mark>" in out
+    assert 'title="value changed: &quot;-2.1%&quot; &lt;in&gt; the draft"' in out and ">2.1%</mark>" in out
+    assert "alert(&quot;x&quot;)&lt;/script&gt; &amp; " in out and out.endswith(" &lt;b&gt;</div>")
+    # overlapping marks: the first one is kept; a span outside the text is an error
+    assert marked_html("abcdef", [Mark(1, 4), Mark(2, 5, "fact")]).count("<mark") == 1
+    with pytest.raises(ValueError, match="outside a text of 3 characters"):
+        marked_html("abc", [Mark(2, 5)])
+    draft, final = "米国株は<上昇>、TOPIXは2.1%上昇", "米国株は<上昇>、TOPIXは2.3%上昇"
+    page = findings_html(draft, final, compare(draft, final))
+    assert page.count("&lt;上昇&gt;") == 2 and "<上昇>" not in page
+    assert page.count('<mark class="fact-finding"') == 2 and page.count(">TOPIX</mark>") == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""review_app.store: saved reviews on a real SQLite file (round trip, transactions, schema version)
-and the Snowflake dialect's SQL for the same tables and statements."""
+"""review_app.store: saved reviews on a real SQLite file (round trip, transactions, schema version,
+the fact-fidelity findings and the migration of a version-1 database) and the Snowflake dialect's SQL
+for the same tables and statements."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from sqlalchemy import create_engine, event, insert, text, update
@@ -10,8 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateSequence, CreateTable
 
 from recipes.prompt import PROMPT_VERSION
-from review_app.store import (SCHEMA_VERSION, TABLE, Review, ReviewStore, StoreError, export_rows, insert_statement,
-                              recent_query, reviews, safe_url, schema_version, sqlite_path)
+from review_app.store import (SCHEMA_VERSION, TABLE, Review, ReviewStore, StoreError, add_column_ddl, export_rows,
+                              insert_statement, recent_query, reviews, safe_url, schema_version, sqlite_path)
 
 
 def _review(i: int = 0, **kw) -> Review:
@@ -132,6 +134,161 @@ def test_safe_url_hides_passwords():
 
 
 # ---------------------------------------------------------------------------------------------
+# Fact-fidelity findings (schema version 2) and the migration of a version-1 database
+
+FINDING = {"kind": "value_changed", "message": "value changed: 2.1% (mom) in the draft, 2.3% (mom) in the rewrite",
+           "draft_span": [8, 12], "final_span": [9, 13], "draft_text": "2.1%", "final_text": "2.3%"}
+
+# exactly what schema version 1 (SQLAlchemy's create_all on SQLite) made, and its version row
+V1_DDL = ("""CREATE TABLE review_comments (
+	id INTEGER NOT NULL, fund VARCHAR(200), section VARCHAR(40) NOT NULL, month VARCHAR(7) NOT NULL,
+	draft TEXT NOT NULL, model_output TEXT NOT NULL, final TEXT NOT NULL, model VARCHAR(200) NOT NULL,
+	adapter VARCHAR(500), prompt_version VARCHAR(20) NOT NULL, user_name VARCHAR(100),
+	created_at DATETIME NOT NULL, PRIMARY KEY (id))""",
+          """CREATE TABLE review_schema_version (version INTEGER NOT NULL, applied_at DATETIME NOT NULL,
+	PRIMARY KEY (version))""",
+          "INSERT INTO review_schema_version (version, applied_at) VALUES (1, '2024-06-01 00:00:00.000000')")
+V1_COLUMNS = ("id", "fund", "section", "month", "draft", "model_output", "final", "model", "adapter",
+              "prompt_version", "user_name", "created_at")
+
+
+def _v1_database(path, n: int = 2) -> str:
+    """A review database file as schema version 1 wrote it, with ``n`` saved reviews."""
+    url = f"sqlite:///{path}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for stmt in V1_DDL:
+            conn.execute(text(stmt))
+        for i in range(1, n + 1):
+            r = _review(i)
+            conn.execute(text(f"INSERT INTO {TABLE} ({', '.join(V1_COLUMNS)}) VALUES "
+                              f"({', '.join(':' + c for c in V1_COLUMNS)})"),
+                         {**{c: getattr(r, c) for c in V1_COLUMNS if c != "created_at"}, "id": i,
+                          "created_at": f"2024-06-0{i} 09:00:00.000000"})
+    engine.dispose()
+    return url
+
+
+def _columns(url) -> list[str]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        cols = [row[1] for row in conn.execute(text(f"PRAGMA table_info({TABLE})"))]
+    engine.dispose()
+    return cols
+
+
+def _versions(url) -> list[int]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        v = conn.execute(text("SELECT version FROM review_schema_version")).scalars().all()
+    engine.dispose()
+    return v
+
+
+def test_findings_are_saved_as_json_and_read_back(url):
+    store = ReviewStore(url)
+    with_finding = store.save(_review(1, findings=[FINDING]))
+    faithful = store.save(_review(2, findings=[]))
+    unchecked = store.save(_review(3))  # a review saved without a check (e.g. by a script): NULL
+    assert store.get(with_finding).findings == [FINDING]
+    assert store.get(faithful).findings == [] and store.get(unchecked).findings is None
+    assert store.get(with_finding) == _review(1, findings=[FINDING], id=with_finding)
+    with store.engine.connect() as conn:  # the column holds plain JSON text, non-ASCII as is
+        raw = dict(conn.execute(text(f"SELECT id, findings FROM {TABLE}")).all())
+    assert json.loads(raw[with_finding]) == [FINDING] and "2.1%" in raw[with_finding]
+    assert raw[faithful] == "[]" and raw[unchecked] is None
+    # the training export does not change: findings are not a training field
+    assert all(set(row) == {"date", "section", "draft", "final", "fund"} for _, row in export_rows(url))
+
+
+def test_findings_that_are_not_a_list_of_dicts_are_refused(url):
+    store = ReviewStore(url)
+    for bad, match in [("[]", "expected a list of finding dicts or None, got str"),
+                       ([{"kind": "missing"}, "x"], "expected a list of finding dicts"),
+                       ([{"span": {1, 2}}], "field 'findings': not JSON")]:
+        with pytest.raises(StoreError, match=match):
+            store.save(_review(findings=bad))
+    assert store.count() == 0
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    url = _v1_database(tmp_path / "old.db")
+    assert "findings" not in _columns(url) and _versions(url) == [1]
+    store = ReviewStore(url)  # the app opens it
+    assert store.check_version() == SCHEMA_VERSION == 2
+    assert _columns(url) == [*V1_COLUMNS, "findings"] and _versions(url) == [SCHEMA_VERSION]  # updated, not added
+    old = store.recent(limit=None)
+    assert [r.id for r in old] == [2, 1]  # the rows are kept, every field as saved
+    for r in old:
+        assert r == _review(r.id, id=r.id) and r.findings is None  # saved before the check: NULL, not []
+        assert r.created_at == dt.datetime(2024, 6, r.id, 9, 0, tzinfo=dt.timezone.utc)
+    new = store.save(_review(3, findings=[FINDING]))
+    assert store.get(new).findings == [FINDING] and store.count() == 3
+    store.close()
+    ReviewStore(url)  # opening the migrated database again changes nothing
+    assert _versions(url) == [SCHEMA_VERSION] and _columns(url).count("findings") == 1
+    # the training export reads the migrated rows as before
+    assert [i for i, _ in export_rows(url)] == [1, 2, 3]
+    assert dict(export_rows(url))[1] == {"date": "2024-06", "section": "市場動向", "draft": "下書き1：米国株は上昇。",
+                                          "final": "最終1：米国株式市場は上昇しました。", "fund": "ファンド1"}
+
+
+def test_reading_a_version_1_database_for_training_migrates_it_too(tmp_path):
+    url = _v1_database(tmp_path / "old.db", n=3)
+    rows = list(export_rows(url))  # create=False: opens, migrates, creates nothing else
+    assert [i for i, _ in rows] == [1, 2, 3] and rows[0][1]["final"] == "最終1：米国株式市場は上昇しました。"
+    assert _versions(url) == [SCHEMA_VERSION] and "findings" in _columns(url)
+
+
+def test_a_migration_cut_off_after_adding_the_column_is_finished(tmp_path):
+    """SQLite commits ALTER TABLE by itself: a process killed before the version row's update leaves the
+    column with version 1. The next open only updates the version."""
+    url = _v1_database(tmp_path / "half.db")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(add_column_ddl(reviews.c.findings, conn.dialect)))
+    engine.dispose()
+    store = ReviewStore(url)
+    assert _versions(url) == [SCHEMA_VERSION] and store.count() == 2
+
+
+def test_a_migration_the_database_refuses_names_the_database_and_versions(tmp_path):
+    path = tmp_path / "readonly.db"
+    url = _v1_database(path)
+    readonly = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(StoreError) as e:
+        ReviewStore(url, create=False, engine=readonly)
+    msg = str(e.value)
+    assert msg.startswith(f"sqlite:///{path}: schema version 1, this code reads version {SCHEMA_VERSION}; "
+                          f"migrating from version 1 to 2 failed (OperationalError:") and "readonly" in msg
+    readonly.dispose()
+    assert _versions(url) == [1] and "findings" not in _columns(url)  # nothing half done
+    assert ReviewStore(url).count() == 2  # with write access it migrates
+
+
+def test_an_unknown_older_version_is_refused(tmp_path):
+    url = _v1_database(tmp_path / "v0.db")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE review_schema_version SET version = 0"))
+    engine.dispose()
+    with pytest.raises(StoreError, match=rf"v0.db: schema version 0, this code reads version {SCHEMA_VERSION}; "
+                                         "no migration from it is known"):
+        ReviewStore(url)
+    assert _versions(url) == [0] and "findings" not in _columns(url)
+
+
+def test_a_current_version_without_the_column_is_refused(tmp_path):
+    url = _v1_database(tmp_path / "odd.db")
+    engine = create_engine(url)
+    with engine.begin() as conn:  # stamped version 2 by hand, never migrated
+        conn.execute(text(f"UPDATE review_schema_version SET version = {SCHEMA_VERSION}"))
+    engine.dispose()
+    with pytest.raises(StoreError, match=rf"schema version {SCHEMA_VERSION} but table {TABLE} has no column findings"):
+        ReviewStore(url)
+
+
+# ---------------------------------------------------------------------------------------------
 # Snowflake: the same metadata and statements, compiled by snowflake-sqlalchemy's dialect
 
 
@@ -152,7 +309,7 @@ def test_snowflake_create_table(snow):
     for col in ("section VARCHAR(40) NOT NULL", "month VARCHAR(7) NOT NULL", "draft TEXT NOT NULL",
                 "model_output TEXT NOT NULL", "final TEXT NOT NULL", "model VARCHAR(200) NOT NULL",
                 "adapter VARCHAR(500)", "prompt_version VARCHAR(20) NOT NULL", "user_name VARCHAR(100)",
-                "created_at datetime NOT NULL", "PRIMARY KEY (id)"):
+                "created_at datetime NOT NULL", "findings TEXT", "PRIMARY KEY (id)"):
         assert col in ddl, col
     assert _sql(CreateSequence(reviews.c.id.default), snow) == f"CREATE SEQUENCE {TABLE}_id_seq"
     assert _sql(CreateTable(schema_version), snow) == (
@@ -164,8 +321,9 @@ def test_snowflake_insert_and_selects(snow):
     ins = insert_statement(_review(1)).compile(dialect=snow)
     assert " ".join(str(ins).split()) == (
         f"INSERT INTO {TABLE} (id, fund, section, month, draft, model_output, final, model, adapter, "
-        "prompt_version, user_name, created_at) VALUES (%(id)s, %(fund)s, %(section)s, %(month)s, %(draft)s, "
-        "%(model_output)s, %(final)s, %(model)s, %(adapter)s, %(prompt_version)s, %(user_name)s, %(created_at)s)")
+        "prompt_version, user_name, created_at, findings) VALUES (%(id)s, %(fund)s, %(section)s, %(month)s, "
+        "%(draft)s, %(model_output)s, %(final)s, %(model)s, %(adapter)s, %(prompt_version)s, %(user_name)s, "
+        "%(created_at)s, %(findings)s)")
     # values are bound parameters, never pasted into the SQL text
     assert ins.params["final"] == "最終1：米国株式市場は上昇しました。" and "最終1" not in str(ins)
     # the UTC conversion happens on bind, for Snowflake as for SQLite
@@ -190,3 +348,11 @@ def test_snowflake_store_runs_the_same_statements(snow, url):
     kinds = [_sql(s, snow).split()[0] for s in seen]
     assert kinds == ["INSERT", "SELECT"]
     assert all(TABLE in _sql(s, snow) for s in seen)
+
+
+def test_snowflake_migration_adds_the_column(snow):
+    from sqlalchemy.dialects import sqlite
+    assert add_column_ddl(reviews.c.findings, snow) == f"ALTER TABLE {TABLE} ADD COLUMN findings TEXT"
+    assert add_column_ddl(reviews.c.findings, sqlite.dialect()) == f"ALTER TABLE {TABLE} ADD COLUMN findings TEXT"
+    with pytest.raises(ValueError, match="must be nullable"):
+        add_column_ddl(reviews.c.final, snow)
