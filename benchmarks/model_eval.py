@@ -26,9 +26,20 @@ Scores (``benchmarks.bleu.corpus_score``: sacrebleu, ja-mecab): corpus BLEU on 0
 its signature, chrF, per-section BLEU, and sacrebleu's paired bootstrap resampling of every model
 against the baseline (the first model or ``--baseline``): p-value and 95 % confidence interval.
 
+Fact fidelity and house style (``benchmarks.bleu.check_comments``), per model: fact recall (the draft's
+numbers and instruments kept), fact precision (the prediction's facts that are the draft's), the share of
+comments with no finding (``benchmarks.fidelity.compare``), and the style compliance rate (share of
+predictions with no ``recipes.synth_data.house_style_violations``). The draft is each item's own: the
+user message of hf/ rows and raw pairs (``recipes.prompt.parse_user_message``), the rendered prompt of
+NeMo rows (``recipes.prompt.draft_from_prompt``). Copying the draft scores 1.0 on fidelity and badly on
+style, so both are reported, with the reference finals and the copied drafts as reference points. Each
+rate's difference against the baseline gets a paired bootstrap (:func:`rates_bootstrap`: the same
+resampled comment indices as sacrebleu's BLEU test, 95 % percentile interval, p-value).
+
 Output (``--output DIR``): results.md (the table), results.json, bleu.png (BLEU per model, sorted,
 values on the bars), examples.md (each prediction with a character-level diff against the
-reference), predictions/NAME.jsonl (``benchmarks.bleu`` reads them) and cache/. ::
+reference, and its fidelity findings with their spans and its style violations), predictions/NAME.jsonl
+(``benchmarks.bleu`` reads them; they carry the draft) and cache/. ::
 
     python -m benchmarks.model_eval --data data/prepared/hf/test.jsonl \\
         --endpoint swallow70b=http://nim:8000/v1,model=tokyotech-llm/llama-3.1-swallow-70b-instruct-v0.1,adapter=swallow-lora \\
@@ -55,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.bleu import DEFAULT_TOKENIZE, corpus_score
+from benchmarks.bleu import DEFAULT_TOKENIZE, RATE_NAMES, CommentChecks, check_comments, corpus_score, draft_of_row
 from benchmarks.openai_client import (DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, EndpointError,
                                       OpenAIClient, report_command)
 from recipes.fileio import iter_jsonl, write_json_atomic, write_text_atomic
@@ -80,6 +91,7 @@ class Example:
     fund: str | None = None
     messages: tuple[dict, ...] | None = None
     prompt: str | None = None
+    draft: str | None = None  # what the model rewrites (fact fidelity); None when it cannot be recovered
 
     @property
     def source(self) -> str:
@@ -128,7 +140,7 @@ def _raw_examples(path: Path) -> list[Example]:
     from recipes.prompt import build_messages
 
     return [Example(id=r.id, reference=r.final, section=r.section, date=r.date, fund=r.fund,
-                    messages=tuple(build_messages(r.draft, r.section, r.date, r.fund)))
+                    messages=tuple(build_messages(r.draft, r.section, r.date, r.fund)), draft=r.draft)
             for r in read_records(path)]
 
 
@@ -145,12 +157,13 @@ def _prepared_example(path: Path, lineno: int, row: dict) -> Example:
             raise ValueError(f"{where}: field 'completion' must hold one assistant message, got {len(answers)}")
         if not any(m["role"] == "user" for m in prompt):
             raise ValueError(f"{where}: field 'prompt' has no user message")
-        return Example(id=ex_id, reference=answers[0], messages=tuple(dict(m) for m in prompt), **meta)
+        return Example(id=ex_id, reference=answers[0], messages=tuple(dict(m) for m in prompt),
+                       draft=draft_of_row(row), **meta)
     if "input" in row:
         for key in ("input", "output"):
             if not isinstance(row.get(key), str) or (key == "input" and not row[key]):
                 raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {row.get(key)!r}")
-        return Example(id=ex_id, reference=row["output"], prompt=row["input"], **meta)
+        return Example(id=ex_id, reference=row["output"], prompt=row["input"], draft=draft_of_row(row), **meta)
     raise ValueError(f"{where}: not a test item: expected fields prompt+completion (hf/ chat format), "
                      f"input+output (NeMo format) or draft+final (raw pairs); got {', '.join(sorted(row))}")
 
@@ -536,6 +549,122 @@ def score_models(predictions: dict[str, list[str]], examples: list[Example], *, 
                                                    "method": "sacrebleu paired bootstrap resampling"}}
 
 
+def _sacrebleu_seed() -> int | None:
+    """The seed sacrebleu's bootstrap uses (``SACREBLEU_SEED``, default 12345; 'none': unseeded)."""
+    seed = os.environ.get("SACREBLEU_SEED", "12345")
+    return None if seed.lower() == "none" else int(seed)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def rates_bootstrap(checks: dict[str, CommentChecks], baseline: str, *, n_samples: int = 1000,
+                    seed: int | None | str = "sacrebleu") -> dict:
+    """Paired bootstrap of each per-comment rate's difference (model - baseline).
+
+    The comment indices are drawn as sacrebleu's paired bootstrap draws them for BLEU
+    (``numpy.random.default_rng(seed).choice(N, size=(n_samples, N))``, seed ``SACREBLEU_SEED`` or 12345),
+    so each resample is the same set of comments as in the BLEU test. Each rate is recomputed on every
+    resample as sum(numerator) / sum(denominator) (fact recall: kept / draft facts; fact precision: kept /
+    prediction facts; no finding and style compliance: share of comments) for the model and the baseline.
+    Reported: the observed difference, the 2.5-97.5 percentile interval of the resampled differences, and
+    the two-sided p-value of "no difference": (1 + #{|d_i - mean(d)| >= |observed|}) / (1 + resamples),
+    the resampled differences shifted to mean 0 (a zero observed difference gives p = 1). Resamples where
+    a rate is undefined (no facts in the resampled comments) are left out (``samples``).
+
+    Returns ``{name: {rate: {...}}}`` for every model but the baseline; a rate that cannot be computed
+    (no drafts, no facts) is ``{"note": why}``.
+    """
+    import numpy as np
+
+    if baseline not in checks:
+        raise ValueError(f"baseline {baseline!r} is not one of the models ({', '.join(checks)})")
+    n = checks[baseline].n
+    if n == 0:
+        raise ValueError("no comments to resample")
+    if seed == "sacrebleu":
+        seed = _sacrebleu_seed()
+    idxs = np.random.default_rng(seed).choice(n, size=(n_samples, n), replace=True)
+    base = checks[baseline].ratios()
+
+    def resampled(num, den):
+        num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+        d = den[idxs].sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(d > 0, num[idxs].sum(1) / np.where(d > 0, d, 1.0), np.nan)
+
+    base_rs = {m: resampled(*nd) for m, nd in base.items()}
+    out: dict = {}
+    for name, c in checks.items():
+        if name == baseline:
+            continue
+        if c.n != n:
+            raise ValueError(f"{name}: {c.n} comments, baseline {baseline} has {n}")
+        mine = c.ratios()
+        res = out[name] = {}
+        for m in RATE_NAMES:
+            if m not in mine or m not in base:
+                res[m] = {"note": "not available: no drafts to check the facts against"}
+                continue
+            v, b = _ratio(sum(mine[m][0]), sum(mine[m][1])), _ratio(sum(base[m][0]), sum(base[m][1]))
+            if v is None or b is None:
+                res[m] = {"note": "undefined: no facts in the drafts or the predictions", "model": v, "baseline": b}
+                continue
+            d = resampled(*mine[m]) - base_rs[m]
+            d = d[~np.isnan(d)]
+            obs = v - b
+            if not len(d):
+                res[m] = {"note": "undefined on every resample", "model": v, "baseline": b, "delta": obs}
+                continue
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            p = (1 + int(np.sum(np.abs(d - d.mean()) >= abs(obs) - 1e-12))) / (1 + len(d))
+            res[m] = {"model": v, "baseline": b, "delta": obs, "ci_low": float(lo), "ci_high": float(hi),
+                      "p_value": float(p), "samples": int(len(d))}
+    return out
+
+
+def score_rates(predictions: dict[str, list[str]], examples: list[Example], *, baseline: str | None = None,
+                bootstrap: int = 1000, extractor=None) -> tuple[dict, dict[str, CommentChecks]]:
+    """Fact fidelity (when every item has its draft) and house style of each model, of the reference finals
+    and of the drafts copied; with two or more models and ``bootstrap`` > 0, :func:`rates_bootstrap`
+    against the baseline. Returns (the "rates" part of results.json, {name: CommentChecks})."""
+    names = list(predictions)
+    baseline = baseline or names[0]
+    missing = [ex.id for ex in examples if ex.draft is None]
+    drafts = None if missing else [ex.draft for ex in examples]
+    checks = {n: check_comments(predictions[n], drafts, extractor=extractor) for n in names}
+    if drafts is None:
+        note = (f"fact fidelity not available: {len(missing)} of {len(examples)} items have no recoverable draft "
+                f"(first: {missing[0]!r}); style compliance needs none")
+        source = None
+    else:
+        note = None
+        source = ("the user message of each item (recipes.prompt.parse_user_message)" if examples[0].messages
+                  else "the rendered prompt of each item (recipes.prompt.draft_from_prompt)")
+    if not bootstrap:
+        boot = {"applies": False, "reason": "no bootstrap (--bootstrap 0)"}
+    elif len(names) < 2:
+        boot = {"applies": False, "reason": "one model: no baseline to test against"}
+    else:
+        boot = {"applies": True, "n_samples": bootstrap, "seed": _sacrebleu_seed(),
+                "method": "paired bootstrap of the per-comment rates (the same resampled comment indices as "
+                          "sacrebleu's BLEU test): difference vs the baseline, 2.5-97.5 percentile interval, "
+                          "p = (1 + #{|d_i - mean d| >= |observed|}) / (1 + resamples)"}
+    sig = rates_bootstrap(checks, baseline, n_samples=bootstrap) if boot["applies"] else {}
+    refs = check_comments([ex.reference for ex in examples], drafts, extractor=extractor)
+    models = {n: {**checks[n].to_dict(), "rates": checks[n].rates(), "significance": sig.get(n)} for n in names}
+    out = {"baseline": baseline, "fidelity_available": drafts is not None, "drafts": source, "note": note,
+           "bootstrap": boot, "models": models,
+           "reference_finals": {**refs.to_dict(), "rates": refs.rates()}}
+    if drafts is not None:
+        copied = check_comments(drafts, drafts, extractor=extractor)
+        out["drafts_copied"] = {**copied.to_dict(), "rates": copied.rates()}
+    else:
+        out["drafts_copied"] = None
+    return out, checks
+
+
 # ---------------------------------------------------------------------------------------------
 # reports
 
@@ -554,8 +683,37 @@ def _html_line(text: str) -> str:
     return html.escape(text).replace("\n", "↵<br>").replace("|", "&#124;")
 
 
+def _html_inline(text: str) -> str:
+    """Text for one Markdown list item: escaped, newlines as ↵."""
+    return html.escape(text, quote=False).replace("\n", "↵").replace("|", "&#124;")
+
+
+def _span(span, text: str) -> str:
+    return f"[{span[0]}, {span[1]}) <code>{_html_inline(text)}</code>" if span else "–"
+
+
+def check_lines(check: CommentChecks, i: int) -> list[str]:
+    """examples.md lines for one prediction: each fidelity finding (kind, message, the span in the draft and
+    in the prediction) and each house-style violation."""
+    lines = []
+    if check.comparisons is not None:
+        c = check.comparisons[i]
+        if c.faithful:
+            lines.append(f"- fact check: no finding ({c.kept} of {len(c.draft_facts)} draft facts kept)")
+        else:
+            lines.append(f"- fact check: {len(c.findings)} finding(s), {c.kept} of {len(c.draft_facts)} draft facts "
+                         f"kept, {len(c.final_facts)} facts in the prediction")
+            for f in c.findings:
+                lines.append(f"  - <code>{f.kind}</code> {_html_inline(f.message)} — draft {_span(f.draft_span, f.draft_text)}"
+                             f", prediction {_span(f.final_span, f.final_text)}")
+    vs = check.violations[i]
+    lines.append("- house style: " + ("no violation" if not vs else f"{len(vs)} violation(s): "
+                                      + "; ".join(_html_inline(v) for v in vs)))
+    return lines
+
+
 def write_examples_md(path: Path, examples: list[Example], predictions: dict[str, list[str]], limit: int,
-                      tokenize: str = DEFAULT_TOKENIZE) -> None:
+                      tokenize: str = DEFAULT_TOKENIZE, checks: dict[str, CommentChecks] | None = None) -> None:
     from sacrebleu.metrics import BLEU
 
     sent = BLEU(tokenize=tokenize, effective_order=True)
@@ -563,6 +721,12 @@ def write_examples_md(path: Path, examples: list[Example], predictions: dict[str
              "Character-level diff against the reference: <del>struck out</del> = in the reference but "
              "missing from the prediction, <ins>underlined</ins> = added by the prediction. "
              "Sentence BLEU (effective order) is for orientation only; the corpus score is in results.md.", ""]
+    if checks:
+        has_drafts = any(c.comparisons is not None for c in checks.values())
+        lines += ["Under each prediction: " + ("its fact check against the draft (`benchmarks.fidelity`: kind, "
+                  "message, and the span `[start, end)` in the draft and in the prediction, character offsets) and "
+                  if has_drafts else "(no drafts: no fact check) ")
+                  + "its house-style violations (`recipes.synth_data.house_style_violations`).", ""]
     shown = examples[:limit] if limit >= 0 else examples
     for i, ex in enumerate(shown):
         meta = " · ".join(x for x in (ex.section, ex.date, ex.fund) if x)
@@ -575,6 +739,8 @@ def write_examples_md(path: Path, examples: list[Example], predictions: dict[str
             tag = "exact match" if p == ex.reference else f"sentence BLEU {score:.1f}"
             lines += [f"**{html.escape(name)}** ({tag})", "", f"<blockquote>{diff_markup(ex.reference, p)}</blockquote>",
                       ""]
+            if checks and name in checks:
+                lines += check_lines(checks[name], i) + [""]
     if len(shown) < len(examples):
         lines.append(f"({len(examples) - len(shown)} more items not shown; see predictions/ or --examples)")
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -620,14 +786,84 @@ def write_bleu_chart(path: Path, scores: dict) -> None:
     plt.close(fig)
 
 
-def results_markdown(scores: dict, specs: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
+def _rate(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _delta_cell(s: dict | None) -> tuple[str, str]:
+    """(Δ [95 % CI], p) cells of one rate's bootstrap result."""
+    if not s or "p_value" not in s:
+        return ("n/a" if not s else html.escape(s.get("note", "n/a"))), "–"
+    mark = " *" if s["p_value"] < SIGNIFICANCE_LEVEL else ""
+    return f"{s['delta']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.4f}{mark}"
+
+
+def rates_of_result(result: dict) -> dict | None:
+    """:func:`score_rates`'s dict back from results.json's content (None for a result written before it)."""
+    if not result.get("rates"):
+        return None
+    return {**result["rates"], "models": {n: {"fidelity": m["fidelity"], "style": m["style"], "rates": m["rates"],
+                                              "significance": m["rates_significance"]}
+                                          for n, m in result["models"].items()}}
+
+
+def rates_markdown(rates: dict, ranking: Sequence[str], heading: str = "##") -> list[str]:
+    """results.md's section on fact fidelity and house style (``rates`` from :func:`score_rates`)."""
+    base = rates["baseline"]
+    lines = [f"{heading} Fact fidelity and house style", ""]
+    if rates["fidelity_available"]:
+        lines += [f"Fact fidelity (`benchmarks.fidelity`) of each prediction against its draft (drafts: {rates['drafts']}):"
+                  " **fact recall** = draft facts (numbers with unit, sign and period; named instruments) kept "
+                  "unchanged, **fact precision** = prediction facts that are the draft's, **no finding** = share of "
+                  "comments with no missing, added or changed fact. **Style compliance** = share of predictions with "
+                  "no `recipes.synth_data.house_style_violations`. Copying the draft scores 1.0 on fidelity and "
+                  "fails on style (*drafts copied*); a good rewrite is high on both (*reference finals*).", ""]
+    else:
+        lines += [f"{rates['note']}. **Style compliance** = share of predictions with no "
+                  "`recipes.synth_data.house_style_violations`.", ""]
+    kinds = list(next(iter(rates["models"].values()))["fidelity"]["findings"]) if rates["fidelity_available"] else []
+    lines += ["| model | fact recall | fact precision | no finding | style compliance | draft facts kept | "
+              "prediction facts | " + "".join(f"{k} | " for k in kinds) + "style violations |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    rows = [(n, rates["models"][n]) for n in ranking]
+    rows += [("*reference finals*", rates["reference_finals"])]
+    if rates.get("drafts_copied"):
+        rows += [("*drafts copied*", rates["drafts_copied"])]
+    for name, r in rows:
+        f, st, rt = r["fidelity"], r["style"], r["rates"]
+        facts = (f"{f['kept']}/{f['draft_facts']} | {f['final_facts']} | " + "".join(f"{f['findings'][k]} | " for k in kinds)
+                 if f else "– | – | ")
+        lines.append(f"| {name} | {_rate(rt['fact_recall'])} | {_rate(rt['fact_precision'])} | "
+                     f"{_rate(rt['faithful_share'])} | {_rate(rt['style_compliance'])} ({st['compliant']}/{st['n']}) | "
+                     f"{facts}{st['violations']} |")
+    lines.append("")
+    boot = rates["bootstrap"]
+    if not boot["applies"]:
+        lines += [f"Paired bootstrap of these rates: does not apply ({boot['reason']}).", ""]
+        return lines
+    lines += [f"Difference vs **{base}**: {boot['method']}; {boot['n_samples']} resamples, seed {boot['seed']}. "
+              f"Δ [95% interval], p-value (* p < {SIGNIFICANCE_LEVEL}).", "",
+              "| model | " + " | ".join(f"Δ {label} | p" for label in RATE_NAMES.values()) + " |",
+              "|---|" + "---|---|" * len(RATE_NAMES)]
+    for n in ranking:
+        if n == base:
+            lines.append(f"| {n} | " + " | ".join("(baseline) | –" for _ in RATE_NAMES) + " |")
+            continue
+        sig = rates["models"][n]["significance"] or {}
+        lines.append(f"| {n} | " + " | ".join(" | ".join(_delta_cell(sig.get(m))) for m in RATE_NAMES) + " |")
+    return lines + [""]
+
+
+def results_markdown(scores: dict, specs: dict[str, dict], runs: dict[str, dict], meta: dict,
+                     rates: dict | None = None) -> str:
     base = scores["baseline"]
     models = scores["models"]
     lines = ["# Model selection: BLEU on the test comments", "",
              f"Data `{meta['data']}`: {meta['n_examples']} items; greedy (temperature 0), max {meta['max_tokens']} "
              f"new tokens. Baseline for the significance test: **{base}**.", "",
-             "| rank | model | BLEU (0–1) | BLEU (0–100) | 95% CI | Δ vs baseline | p-value | significant | chrF |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| rank | model | BLEU (0–1) | BLEU (0–100) | 95% CI | Δ vs baseline | p-value | significant | chrF |"
+             + (" fact recall | fact precision | no finding | style compliance |" if rates else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if rates else "")]
     for rank, n in enumerate(scores["ranking"], 1):
         m = models[n]
         s = (m.get("significance") or {}).get("BLEU")
@@ -638,8 +874,12 @@ def results_markdown(scores: dict, specs: dict[str, dict], runs: dict[str, dict]
             delta = f"{m['delta_vs_baseline']:+.2f}"
             p = f"{s['p_value']:.4f}" if s and s["p_value"] is not None else "–"
             signif = ("yes" if s["p_value"] < SIGNIFICANCE_LEVEL else "no") if s and s["p_value"] is not None else "–"
+        extra = ""
+        if rates:
+            rt = rates["models"][n]["rates"]
+            extra = "".join(f" {_rate(rt[k])} |" for k in RATE_NAMES)
         lines.append(f"| {rank} | {n} | {m['score01']:.3f} | {m['score']:.2f} | {ci} | {delta} | {p} | {signif} "
-                     f"| {m['chrf']:.2f} |")
+                     f"| {m['chrf']:.2f} |{extra}")
     lines += ["", f"BLEU signature: `{scores['signature']}`  ", f"chrF signature: `{scores['chrf_signature']}`"]
     if scores.get("bootstrap"):
         b = scores["bootstrap"]
@@ -656,6 +896,8 @@ def results_markdown(scores: dict, specs: dict[str, dict], runs: dict[str, dict]
         for n in scores["ranking"]:
             ps = models[n]["per_section"]
             lines.append(f"| {n} | " + " | ".join(f"{ps[s]['score']:.2f}" if s in ps else "–" for s in sections) + " |")
+    if rates:
+        lines += [""] + rates_markdown(rates, scores["ranking"])[:-1]
     lines += ["", "## Models and runs", "",
               "| model | where | served as | cached (reused) | generated now | HTTP requests (incl. GET /models) | retries "
               "| time (s) |",
@@ -669,17 +911,27 @@ def results_markdown(scores: dict, specs: dict[str, dict], runs: dict[str, dict]
         lines.append(f"| {n} | `{where}` | `{served}` | {r['cached']} | {r['generated']} | "
                      f"{r.get('requests_sent', '–')} | {r.get('retries', '–')} | {r['elapsed_s']:.1f} |")
     lines += ["", "![BLEU per model](bleu.png)", "",
-              "Per-example outputs with a character diff against the reference: [examples.md](examples.md). "
+              "Per-example outputs with a character diff against the reference (and their fact-check findings "
+              "and style violations): [examples.md](examples.md). "
               "Predictions: `predictions/NAME.jsonl` (`python -m benchmarks.bleu` rescores them)."]
     return "\n".join(lines) + "\n"
 
 
-def write_predictions_jsonl(path: Path, examples: list[Example], preds: list[str]) -> None:
-    """The recipes.generate record format, so benchmarks.bleu reads it."""
-    text = "".join(json.dumps({"id": ex.id, "section": ex.section, "date": ex.date, "prediction": p,
-                               "reference": ex.reference}, ensure_ascii=False) + "\n"
-                   for ex, p in zip(examples, preds))
-    write_text_atomic(path, text)
+def write_predictions_jsonl(path: Path, examples: list[Example], preds: list[str],
+                            check: CommentChecks | None = None) -> None:
+    """The recipes.generate record format, so benchmarks.bleu reads it; plus the draft (when known, so
+    benchmarks.bleu finds it), the house-style violations and the fidelity comparison of each prediction."""
+    rows = []
+    for i, (ex, p) in enumerate(zip(examples, preds)):
+        row = {"id": ex.id, "section": ex.section, "date": ex.date, "prediction": p, "reference": ex.reference}
+        if ex.draft is not None:
+            row["draft"] = ex.draft
+        if check is not None:
+            row["style_violations"] = check.violations[i]
+            if check.comparisons is not None:
+                row["fidelity"] = check.comparisons[i].to_dict()
+        rows.append(row)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +957,7 @@ def evaluate(data: str | Path, output: str | Path, endpoints: Sequence[EndpointS
              timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
              baseline: str | None = None, bootstrap: int = 1000, limit: int | None = None, n_examples: int = 50,
              batch_size: int = 4, tokenize: str = DEFAULT_TOKENIZE, overwrite: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, vocabulary: str | Path | None = None) -> dict:
     """Generate (resuming from the cache), score and write the reports; returns results.json's content.
 
     Raises EndpointError (after trying every model) when some model could not finish.
@@ -723,6 +975,11 @@ def evaluate(data: str | Path, output: str | Path, endpoints: Sequence[EndpointS
     if max_tokens <= 0:
         raise ValueError(f"max_tokens={max_tokens}: must be > 0")
     check_output_dir(output, [Path(data)], overwrite)
+    extractor = None
+    if vocabulary is not None:
+        from benchmarks.fidelity import FactExtractor, load_vocabulary
+
+        extractor = FactExtractor(load_vocabulary(vocabulary))
     examples = load_examples(data, limit)
     (output / "cache").mkdir(parents=True, exist_ok=True)
     runs: dict[str, RunStats] = {}
@@ -755,18 +1012,24 @@ def evaluate(data: str | Path, output: str | Path, endpoints: Sequence[EndpointS
                             "Errors:\n  " + "\n  ".join(errors))
     predictions = {n: cached_predictions(examples, caches[n], targets[n], max_tokens) for n in names}
     scores = score_models(predictions, examples, baseline=baseline, bootstrap=bootstrap, tokenize=tokenize)
+    rates, checks = score_rates(predictions, examples, baseline=scores["baseline"], bootstrap=bootstrap,
+                                extractor=extractor)
     spec_info = {s.name: s.describe() for s in specs}
     run_info = {n: runs[n].to_dict() for n in names}
     meta = {"data": str(data), "n_examples": len(examples), "max_tokens": max_tokens, "concurrency": concurrency}
     result = {**meta, "temperature": 0.0, "baseline": scores["baseline"], "ranking": scores["ranking"],
               "signature": scores["signature"], "chrf_signature": scores["chrf_signature"],
               "bootstrap": scores["bootstrap"],
-              "models": {n: {**spec_info[n], "run": run_info[n], "bleu": scores["models"][n]} for n in names}}
+              "models": {n: {**spec_info[n], "run": run_info[n], "bleu": scores["models"][n],
+                             "fidelity": rates["models"][n]["fidelity"], "style": rates["models"][n]["style"],
+                             "rates": rates["models"][n]["rates"],
+                             "rates_significance": rates["models"][n]["significance"]} for n in names},
+              "rates": {k: v for k, v in rates.items() if k != "models"}}
     for n in names:
-        write_predictions_jsonl(output / "predictions" / f"{n}.jsonl", examples, predictions[n])
-    write_examples_md(output / "examples.md", examples, predictions, n_examples, tokenize=tokenize)
+        write_predictions_jsonl(output / "predictions" / f"{n}.jsonl", examples, predictions[n], checks[n])
+    write_examples_md(output / "examples.md", examples, predictions, n_examples, tokenize=tokenize, checks=checks)
     write_bleu_chart(output / "bleu.png", scores)
-    write_text_atomic(output / "results.md", results_markdown(scores, spec_info, run_info, meta))
+    write_text_atomic(output / "results.md", results_markdown(scores, spec_info, run_info, meta, rates))
     write_json_atomic(output / "results.json", result)
     return result
 
@@ -794,6 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=50, help="items shown in examples.md (-1: all; default 50)")
     parser.add_argument("--batch-size", type=int, default=4, help="--local: prompts per generate() call")
     parser.add_argument("--tokenize", default=DEFAULT_TOKENIZE, help=f"sacrebleu tokenizer (default {DEFAULT_TOKENIZE})")
+    parser.add_argument("--vocabulary", help="extra instruments for the fact check: JSON {canonical: [alias, ...]}")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty dir that is not a model_eval output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -807,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
             args.data, args.output, endpoints, locals_, max_tokens=args.max_tokens, concurrency=args.concurrency,
             timeout=args.timeout, retries=args.retries, backoff=args.backoff, baseline=args.baseline,
             bootstrap=args.bootstrap, limit=args.limit, n_examples=args.examples, batch_size=args.batch_size,
-            tokenize=args.tokenize, overwrite=args.overwrite, progress=not args.no_progress), args.output)
+            tokenize=args.tokenize, overwrite=args.overwrite, progress=not args.no_progress,
+            vocabulary=args.vocabulary), args.output)
     except KeyboardInterrupt:
         print(f"interrupted: finished items are cached in {Path(args.output) / 'cache'}; rerun the same command "
               "to resume", file=sys.stderr)

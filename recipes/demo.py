@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the fine-tune")
     args = ap.parse_intermixed_args(argv)
 
-    from benchmarks.bleu import corpus_score
+    from benchmarks.bleu import check_comments, corpus_score
     from benchmarks.metrics import read_metrics
     from benchmarks.report import report_demo_runs
     from recipes.config import load_config
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     test_path = data_dir / "test.jsonl"
     stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
 
+    drafts_by_id = drafts_of_test_split(test_path)
+    checks = {}
+
     def evaluate(tag: str, adapter: Path | None):
         pred_path = out / f"predictions_{tag}.jsonl"
         with t(f"generate {tag}"):
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                             max_new_tokens=args.max_new_tokens, limit=args.limit)
         res = corpus_score([r["prediction"] for r in rows], [r["reference"] for r in rows],
                            sections=[r["section"] for r in rows])
+        drafts = [drafts_by_id.get(r["id"]) for r in rows]
+        checks[tag] = check_comments([r["prediction"] for r in rows], None if None in drafts else drafts)
+        if "reference" not in checks:
+            checks["reference"] = check_comments([r["reference"] for r in rows], None if None in drafts else drafts)
         return res, rows
 
     results = {"base": evaluate("base", None)}
@@ -203,9 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     plot_losses(curves, out / "loss.png")
     report_demo_runs(out)  # benchmark of the training runs -> out/benchmark/report.md (CPU)
     total = time.perf_counter() - t_all
-    write_report(out, cfg, stats, results, curves, t.times, total, verifications, served)
+    write_report(out, cfg, stats, results, curves, t.times, total, verifications, served, checks)
     print(f"[demo] report: {out / 'report.md'} ({total:.0f}s)")
     return 0
+
+
+def drafts_of_test_split(test_path: Path) -> dict:
+    """{id: draft} of the prepared test split (the draft inside each rendered prompt); {} when the
+    drafts cannot be recovered (then the report has no fact fidelity for the test split)."""
+    from benchmarks.bleu import load_drafts
+
+    try:
+        segs = load_drafts(test_path)
+    except ValueError as e:
+        print(f"[demo] no drafts for the fact check: {e}", flush=True)
+        return {}
+    return dict(zip(segs.ids or [], segs.texts))
 
 
 def _one_line(text: str) -> str:
@@ -217,24 +237,42 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
+RATE_KEYS = ("fact_recall", "fact_precision", "faithful_share", "style_compliance")
+
+
+def _rate(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def served_section(served: dict) -> list[str]:
-    """Report lines for step 6: the served-model comparison, serving speed and the app screenshot."""
+    """Report lines for step 6: the served-model comparison (BLEU, fact fidelity, house style), serving
+    speed and the app screenshot."""
+    from benchmarks.model_eval import rates_markdown, rates_of_result
+
     cmp, speed = served["compare"], served["speed"]
     lines = ["## Served models (vLLM CPU build, OpenAI-compatible API on 127.0.0.1)", "",
              "The base model and the adapters served by one server, requested by name as NIM serves a "
              "NIM_PEFT_SOURCE (`benchmarks.model_eval`, greedy). Paired bootstrap resampling against "
              f"`{cmp['baseline']}` (sacrebleu, {cmp['bootstrap']['n_samples'] if cmp['bootstrap'] else 0} samples).", "",
-             "| model | BLEU (0–1) | BLEU (0–100) | 95 % CI | chrF | Δ vs base | p-value |", "|---|---|---|---|---|---|---|"]
+             "| model | BLEU (0–1) | BLEU (0–100) | 95 % CI | chrF | Δ vs base | p-value | fact recall | fact precision "
+             "| no finding | style compliance |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in cmp["ranking"]:
         b = cmp["models"][name]["bleu"]
         sig = (b.get("significance") or {}).get("BLEU") or {}
         p = sig.get("p_value")
         ci = f"{sig['mean']:.1f} ± {sig['ci']:.1f}" if sig else ""
+        rates = cmp["models"][name].get("rates") or {}
         lines.append(f"| {name} | {b['score'] / 100:.3f} | {b['score']:.2f} | {ci} | {b['chrf']:.2f} | "
-                     f"{b['delta_vs_baseline']:+.2f} | {'' if p is None else f'{p:.4f}'} |")
-    lines += ["", "![BLEU per model](model_eval/bleu.png)", "",
-              "Details: [model_eval/results.md](model_eval/results.md), character diffs against the references: "
-              "[model_eval/examples.md](model_eval/examples.md).", "",
+                     f"{b['delta_vs_baseline']:+.2f} | {'' if p is None else f'{p:.4f}'} | "
+                     + " | ".join(_rate(rates.get(k)) for k in RATE_KEYS) + " |")
+    lines.append("")
+    rates = rates_of_result(cmp)
+    if rates:
+        lines += rates_markdown(rates, cmp["ranking"], heading="###")
+    lines += ["![BLEU per model](model_eval/bleu.png)", "",
+              "Details: [model_eval/results.md](model_eval/results.md), character diffs against the references, "
+              "fact-check findings and style violations per comment: [model_eval/examples.md](model_eval/examples.md).",
+              "",
               f"Serving speed (`benchmarks.inference_speed`, streaming, max {speed['max_tokens']} tokens, "
               f"{speed['requests_per_level']} requests per level, tokens from the server's usage field; "
               "2 CPU cores — ratios only):", "",
@@ -257,7 +295,7 @@ def served_section(served: dict) -> list[str]:
 
 
 def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times: dict, total: float,
-                 verifications: dict | None = None, served: dict | None = None) -> None:
+                 verifications: dict | None = None, served: dict | None = None, checks: dict | None = None) -> None:
     lines = [f"# CPU demo report: {cfg.name}", "",
              f"Model `{cfg.model.hf_path}` ({cfg.model.preset or 'HF dir'}), method **{cfg.method}**, "
              f"{cfg.train.max_steps} steps, global batch {cfg.train.global_batch_size}, seq {cfg.train.seq_length}, "
@@ -269,12 +307,30 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
         months = stats["months"][split]
         span = f"{months[0]} … {months[-1]}" if len(months) > 2 else ", ".join(months)
         lines.append(f"| {split} | {stats['rows'][split]} | {span} |")
+    checks = checks or {}
     lines += ["", "## BLEU on the test split (sacrebleu, ja-mecab)", "",
-              "| model | BLEU (0–1) | BLEU (0–100) | chrF | segments |", "|---|---|---|---|---|"]
+              "| model | BLEU (0–1) | BLEU (0–100) | chrF | segments |"
+              + (" fact recall | fact precision | no finding | style compliance |" if checks else ""),
+              "|---|---|---|---|---|" + ("---|---|---|---|" if checks else "")]
+
+    def rate_cells(name: str) -> str:
+        if not checks:
+            return ""
+        rates = checks[name].rates() if name in checks else {}
+        return "".join(f" {_rate(rates.get(k))} |" for k in RATE_KEYS)
+
     for name, (res, _) in results.items():
-        lines.append(f"| {name} | {res.score01:.3f} | {res.score:.2f} | {res.chrf:.2f} | {res.n_segments} |")
+        lines.append(f"| {name} | {res.score01:.3f} | {res.score:.2f} | {res.chrf:.2f} | {res.n_segments} |"
+                     + rate_cells(name))
+    if "reference" in checks:
+        lines.append("| *reference finals* | | | | |" + rate_cells("reference"))
     first = next(iter(results.values()))[0]
     lines += ["", f"Signature: `{first.signature}`", ""]
+    if checks:
+        lines += ["Fact recall / precision / no finding: `benchmarks.fidelity` of each output against its draft "
+                  "(draft facts kept, output facts that are the draft's, comments without a finding); style "
+                  "compliance: share of outputs with no `recipes.synth_data.house_style_violations`. Copying the "
+                  "draft would score 1.0 on the first three and fail on style.", ""]
     if curves:
         lines += ["## Training", "", "![loss](loss.png)", "",
                   "| backend | steps | first loss | last loss | median step time (s) |", "|---|---|---|---|---|"]
@@ -309,6 +365,7 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
     lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
     write_json_atomic(out / "results.json", {"bleu": {k: v[0].to_dict() for k, v in results.items()},
+                                             "checks": {k: {**c.to_dict(), "rates": c.rates()} for k, c in checks.items()},
                                              "times_s": times, "total_s": total, "verify": verifications or {},
                                              "served": {k: v for k, v in (served or {}).items() if k != "screenshot"}})
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -31,6 +31,24 @@ def parse_user_message(text: str) -> dict[str, str | None]:
             "fund": fields.get("ファンド")}
 
 
+# What chat templates write after the user turn's content (ChatML/SmolLM2/Qwen2, Llama 3, Mistral/Llama 2,
+# Gemma, Phi-3): a rendered prompt's draft ends at the first of them.
+_END_OF_USER_TURN = ("<|im_end|>", "<|eot_id|>", "[/INST]", "</s>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                     "<|im_start|>", "<|start_header_id|>")
+
+
+def draft_from_prompt(rendered: str) -> str | None:
+    """The draft inside a prompt rendered with a chat template (the NeMo-format ``input``): the text after
+    the ``下書き:`` line of :func:`user_message` up to the template's end-of-turn marker (trailing
+    whitespace dropped). None when the prompt holds no user message built here or no known marker
+    follows it."""
+    _, sep, tail = rendered.partition("\n\n下書き:\n")
+    if not sep:
+        return None
+    cuts = [i for i in (tail.find(m) for m in _END_OF_USER_TURN) if i >= 0]
+    return tail[:min(cuts)].rstrip() if cuts else None
+
+
 def build_messages(draft: str, section: str, date: str, fund: str | None = None,
                    final: str | None = None) -> list[dict[str, str]]:
     """OpenAI-style chat messages; with ``final`` the assistant turn is included (training)."""

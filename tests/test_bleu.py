@@ -157,3 +157,84 @@ def test_cli_prints_and_writes_json(tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["bleu.json"]  # no temp file left
     with pytest.raises(SystemExit):  # never overwrite an input
         bleu.main(["--predictions", str(pred), "--references", str(test), "--json", str(test)])
+
+
+# ---------------------------------------------------------------------------------------------
+# fact fidelity against the drafts and house style
+
+
+def _synth_pairs(n: int = 30, seed: int = 7) -> list[dict]:
+    from recipes.synth_data import generate_pairs
+
+    return generate_pairs(n, seed)
+
+
+def test_copying_the_draft_is_faithful_but_breaks_house_style():
+    """Fidelity alone would rank a copy of the draft first (nothing changed, so nothing is lost); house style
+    catches it, since the drafts break it. The reference finals are high on both."""
+    pairs = _synth_pairs()
+    drafts, finals = [p["draft"] for p in pairs], [p["final"] for p in pairs]
+    copy = bleu.check_comments(drafts, drafts).rates()
+    assert copy["fact_recall"] == copy["fact_precision"] == copy["faithful_share"] == 1.0
+    assert copy["style_compliance"] < 0.2
+    ref = bleu.check_comments(finals, drafts)
+    rates = ref.rates()
+    assert rates["fact_recall"] >= 0.95 and rates["fact_precision"] >= 0.95 and rates["faithful_share"] >= 0.9
+    assert rates["style_compliance"] >= 0.95
+    assert ref.fidelity()["draft_facts"] > len(pairs)  # the synthetic comments do carry numbers
+    # a rewrite that changes a number is caught: lower recall, a finding with its spans
+    bad = [f.replace("%", "1%", 1) for f in finals]  # -2.1% -> -2.11%
+    checks = bleu.check_comments(bad, drafts)
+    assert checks.rates()["fact_recall"] < rates["fact_recall"] and checks.fidelity()["findings"]["value_changed"] > 0
+    assert checks.style()["compliance"] == rates["style_compliance"]
+
+
+def test_cli_fidelity_and_style_with_drafts(tmp_path, capsys):
+    from recipes.prompt import user_message
+
+    pairs = _synth_pairs(8)
+    finals = [p["final"] for p in pairs]
+    pred = _write(tmp_path / "pred.jsonl", [{"id": str(i), "prediction": p["draft"]} for i, p in enumerate(pairs)])
+    # the NeMo-format test.jsonl: the draft is inside the rendered prompt
+    chatml = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    test = _write(tmp_path / "test.jsonl", [{"id": str(i), "input": chatml.format(user_message(p["draft"], p["section"],
+                                                                                              p["date"])),
+                                             "output": p["final"], "section": p["section"]} for i, p in enumerate(pairs)])
+    out = tmp_path / "bleu.json"
+    assert bleu.main(["--predictions", str(pred), "--references", str(test), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"drafts: {test}" in printed and "fact fidelity" in printed and "recall = 1.0000" in printed
+    assert "house style" in printed and "paired bootstrap of these rates: does not apply" in printed
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["drafts"] == str(test) and saved["fidelity"]["fact_recall"] == 1.0
+    assert saved["rates"]["style_compliance"] < 0.5 and saved["style"]["n"] == 8
+    assert saved["rates_bootstrap"]["applies"] is False
+    assert saved["score"] == bleu.corpus_score([p["draft"] for p in pairs], finals).score  # BLEU as before
+    # --drafts: a text file, one draft per line; the finals rewritten from them are faithful and in style
+    txt = _write(tmp_path / "drafts.txt", [p["draft"].replace("\n", " ") for p in pairs])
+    hyp = _write(tmp_path / "finals.jsonl", [{"prediction": f} for f in finals])
+    ref = _write(tmp_path / "ref.txt", finals)
+    assert bleu.main(["--predictions", str(hyp), "--references", str(ref), "--drafts", str(txt), "--json", str(out)]) == 0
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["fidelity"]["fact_recall"] >= 0.95 and saved["rates"]["style_compliance"] == 1.0
+    # no drafts anywhere: BLEU and style only, and the output says so
+    assert bleu.main(["--predictions", str(hyp), "--references", str(ref), "--json", str(out)]) == 0
+    assert "fact fidelity: not available" in capsys.readouterr().out
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["fidelity"] is None and saved["drafts"] is None and saved["style"]["compliance"] == 1.0
+    # a drafts file of another length is an error
+    short = _write(tmp_path / "short.txt", ["x"])
+    assert bleu.main(["--predictions", str(hyp), "--references", str(ref), "--drafts", str(short)]) == 2
+    assert "1 drafts in" in capsys.readouterr().err
+
+
+def test_load_drafts_reads_chat_rows_and_names_a_row_without_one(tmp_path):
+    from recipes.prompt import build_messages
+
+    msgs = build_messages("下落した。", "市場動向", "2024-06", "F", final="下落しました。")
+    hf = _write(tmp_path / "hf.jsonl", [{"id": "a", "prompt": msgs[:2], "completion": msgs[2:]}])
+    segs = bleu.load_drafts(hf)
+    assert segs.texts == ["下落した。"] and segs.ids == ["a"]
+    bad = _write(tmp_path / "bad.jsonl", [{"draft": "x"}, {"output": "y"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no draft"):
+        bleu.load_drafts(bad)

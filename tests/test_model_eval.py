@@ -458,3 +458,125 @@ def test_local_generation_beside_an_endpoint(tiny_model_dir, tmp_path):
                                    max_new_tokens=6, progress=False)
     r2 = evaluate(data, out, [], [local], max_tokens=6, bootstrap=0, progress=False)
     assert r2["models"]["tiny"]["run"]["cached"] == 4 and r2["models"]["tiny"]["run"]["generated"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fact fidelity and house style beside BLEU
+
+
+def _synth_examples(n: int = 30, seed: int = 11) -> list[Example]:
+    from recipes.synth_data import generate_pairs
+
+    return [Example(id=f"s{i}", reference=p["final"], section=p["section"], date=p["date"], fund=p["fund"],
+                    messages=tuple(build_messages(p["draft"], p["section"], p["date"], p["fund"])), draft=p["draft"])
+            for i, p in enumerate(generate_pairs(n, seed))]
+
+
+def test_copying_the_draft_does_not_look_perfect():
+    """A model that copies the draft keeps every fact (fidelity 1.0) but breaks the house style the drafts
+    break; the reference finals are high on both. Reporting both is what keeps the copy from ranking first."""
+    from benchmarks.model_eval import score_rates
+
+    exs = _synth_examples()
+    preds = {"copy": [ex.draft for ex in exs], "finals": [ex.reference for ex in exs],
+             "tampered": [ex.reference.replace("%", "1%", 1) for ex in exs]}  # -2.1% -> -2.11%
+    rates, checks = score_rates(preds, exs, baseline="copy", bootstrap=300)
+    copy, finals, tampered = (rates["models"][n]["rates"] for n in ("copy", "finals", "tampered"))
+    assert copy["fact_recall"] == copy["fact_precision"] == copy["faithful_share"] == 1.0
+    assert copy["style_compliance"] < 0.2
+    assert min(finals.values()) >= 0.9 and finals["style_compliance"] == 1.0
+    assert rates["drafts_copied"]["rates"] == copy and rates["reference_finals"]["rates"] == finals
+    assert rates["fidelity_available"] and "parse_user_message" in rates["drafts"] and rates["bootstrap"]["applies"]
+    # paired bootstrap vs the copy: style is a real gain, fact recall no difference at all
+    sig = rates["models"]["finals"]["significance"]
+    assert sig["style_compliance"]["delta"] > 0.7 and sig["style_compliance"]["ci_low"] > 0.5
+    assert sig["style_compliance"]["p_value"] < 0.05 and sig["style_compliance"]["samples"] == 300
+    assert sig["fact_recall"]["delta"] == 0.0 and sig["fact_recall"]["p_value"] == 1.0
+    assert rates["models"]["copy"]["significance"] is None  # the baseline
+    # changing numbers costs fidelity, not style: findings name the changed values
+    t = rates["models"]["tampered"]
+    assert tampered["fact_recall"] < 0.8 and tampered["style_compliance"] == 1.0
+    assert t["fidelity"]["findings"]["value_changed"] > 0
+    assert t["significance"]["faithful_share"]["delta"] < 0 and t["significance"]["faithful_share"]["p_value"] < 0.05
+    # same seed and resamples: the same answer again
+    assert score_rates(preds, exs, baseline="copy", bootstrap=300)[0] == rates
+
+
+def test_rates_without_drafts_or_a_baseline_say_what_does_not_apply():
+    from benchmarks.model_eval import results_markdown, score_rates
+
+    exs = [Example(id=str(i), reference="上昇しました。", prompt="rendered without a known marker") for i in range(3)]
+    rates, checks = score_rates({"m": ["上昇した。", "上昇しました。", ""]}, exs, bootstrap=100)
+    assert not rates["fidelity_available"] and "no recoverable draft" in rates["note"]
+    assert rates["models"]["m"]["fidelity"] is None and rates["drafts_copied"] is None
+    assert rates["models"]["m"]["rates"]["style_compliance"] == pytest.approx(2 / 3)
+    assert rates["models"]["m"]["rates"]["fact_recall"] is None
+    assert rates["bootstrap"] == {"applies": False, "reason": "one model: no baseline to test against"}
+    scores = score_models({"m": ["上昇した。", "上昇しました。", "x"]}, exs, bootstrap=0)
+    md = results_markdown(scores, {"m": {"url": "u", "kind": "endpoint"}},
+                          {"m": {"cached": 0, "generated": 3, "elapsed_s": 0.0}},
+                          {"data": "d", "n_examples": 3, "max_tokens": 8}, rates)
+    assert "fact fidelity not available" in md and "does not apply (one model" in md
+    two, _ = score_rates({"a": ["x"] * 3, "b": ["上昇しました。"] * 3}, exs, bootstrap=50)
+    assert two["models"]["b"]["significance"]["fact_recall"] == {"note": "not available: no drafts to check the "
+                                                                         "facts against"}
+    assert two["models"]["b"]["significance"]["style_compliance"]["delta"] == 1.0
+
+
+def test_load_examples_recovers_the_draft_of_each_format(tmp_path):
+    hf = load_examples(write_hf(tmp_path / "hf.jsonl"))
+    assert [e.draft for e in hf] == [p[3] for p in PAIRS]
+    nemo = tmp_path / "nemo.jsonl"
+    rendered = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    nemo.write_text("".join(json.dumps({"input": rendered.format(e.source), "output": e.reference, "id": e.id},
+                                       ensure_ascii=False) + "\n" for e in hf), encoding="utf-8")
+    assert [e.draft for e in load_examples(nemo)] == [e.draft for e in hf]
+
+
+def test_evaluate_reports_fidelity_and_style_beside_bleu(tmp_path):
+    exs = _synth_examples(12, seed=5)
+    pairs = [(e.date, e.section, e.fund, e.draft, e.reference) for e in exs]
+    data = write_hf(tmp_path / "test.jsonl", pairs)
+    out = tmp_path / "eval"
+    with FaultServer(models=("echo", "echo-lora")) as fs:  # answers with the draft: the copying model
+        eps = [parse_endpoint_spec(f"echo={fs.base_url},model=echo"),
+               parse_endpoint_spec(f"lora={fs.base_url},model=echo,adapter=echo-lora")]
+        r = evaluate(data, out, eps, max_tokens=400, concurrency=2, bootstrap=100, progress=False)
+    m = r["models"]["lora"]
+    assert m["bleu"]["significance"]["BLEU"]["p_value"] is not None  # BLEU fields as before
+    assert m["fidelity"]["fact_recall"] == 1.0 and m["fidelity"]["pairs"] == 12
+    assert m["rates"]["style_compliance"] < 0.5 and m["style"]["n"] == 12 and sum(m["style"]["by_rule"].values()) > 0
+    assert set(m["rates_significance"]) == {"fact_recall", "fact_precision", "faithful_share", "style_compliance"}
+    assert m["rates_significance"]["style_compliance"]["p_value"] == 1.0  # the same answers as the baseline
+    assert r["models"]["echo"]["rates_significance"] is None
+    assert r["rates"]["reference_finals"]["rates"]["style_compliance"] == 1.0
+    assert r["rates"]["bootstrap"]["n_samples"] == 100 and r["rates"]["bootstrap"]["seed"] == 12345
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| fact recall | fact precision | no finding | style compliance |" in md
+    assert "## Fact fidelity and house style" in md and "*reference finals*" in md and "*drafts copied*" in md
+    assert "Δ style compliance" in md and "(baseline)" in md
+    ex_md = (out / "examples.md").read_text(encoding="utf-8")
+    assert "- fact check: no finding" in ex_md and "- house style:" in ex_md
+    row = json.loads((out / "predictions" / "lora.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert row["draft"] == exs[0].draft and row["fidelity"]["faithful"] and isinstance(row["style_violations"], list)
+    # benchmarks.bleu reads the drafts back from the predictions file
+    from benchmarks import bleu
+    assert bleu.resolve_drafts(12, out / "predictions" / "lora.jsonl", out / "predictions" / "lora.jsonl")[0] == \
+        [e.draft for e in exs]
+
+
+def test_examples_md_lists_each_finding_with_its_spans(tmp_path):
+    from benchmarks.bleu import check_comments
+    from benchmarks.model_eval import write_examples_md
+
+    ex = Example(id="a", reference="TOPIXは前月末比-2.1%となりました。", messages=tuple(MSGS),
+                 draft="TOPIXは対前月で２．１％下落した。")
+    pred = "TOPIXは前月末比-2.3%となりました。"
+    write_examples_md(tmp_path / "ex.md", [ex], {"m": [pred]}, -1,
+                      checks={"m": check_comments([pred], [ex.draft])})
+    md = (tmp_path / "ex.md").read_text(encoding="utf-8")
+    assert "- fact check: 1 finding(s), 1 of 2 draft facts kept" in md
+    start = ex.draft.index("２．１％")
+    assert "<code>value_changed</code> value changed: -2.1% (mom) in the draft, -2.3% (mom) in the rewrite" in md
+    assert f"draft [{start}, " in md and f"prediction [{pred.index('-2.3%')}, " in md
+    assert "- house style: no violation" in md
