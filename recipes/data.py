@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Iterable
 
 from recipes.fileio import atomic_dir, write_text_atomic
-from recipes.prompt import PROMPT_VERSION, build_messages, render_prompt
+from recipes.prompt import PROMPT_VERSION, build_messages, prompt_renderer
 from recipes.schema import DATE_HELP, SECTIONS, canonical_section, normalize_text, parse_month
-from recipes.tokens import tokenize_pair
+from recipes.tokens import pair_from_ids, tokenize_pairs
 
 REQUIRED = ("date", "section", "draft", "final")
 OPTIONAL = ("fund", "manager")
@@ -421,20 +421,25 @@ def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_di
                  "seq_length": seq_length, "rows_read": len(records), "duplicates_dropped": dropped,
                  "test_months": test_months, "val_months": val_months,
                  "rows": {}, "months": {}, "tokens": {}, "truncated": {}, "lengths": {}}
+        render = prompt_renderer(tok)  # the chat template rendered once, the user content slotted in
         for split, recs in splits.items():
-            nemo, hf, tot_tokens, chars = [], [], [], []
-            p_tok = c_tok = trunc = 0
+            nemo, hf = [], []
+            prompts = []
             for r in recs:
                 msgs = build_messages(r.draft, r.section, r.date, r.fund)
-                prompt = render_prompt(tok, msgs)
+                prompt = render(msgs[1]["content"])
+                prompts.append(prompt)
                 meta = {"id": r.id, "date": r.date, "section": r.section, "fund": r.fund}
                 nemo.append({"input": prompt, "output": r.final, **meta})
                 hf.append({"prompt": msgs, "completion": [{"role": "assistant", "content": r.final}], **meta})
-                pair = tokenize_pair(tok, prompt, r.final, seq_length)
-                p_tok, c_tok, trunc = p_tok + pair.prompt_tokens, c_tok + pair.completion_tokens, trunc + pair.truncated
-                full = tokenize_pair(tok, prompt, r.final, 10**9)  # untruncated length for percentiles
-                tot_tokens.append(full.prompt_tokens + full.completion_tokens)
-                chars.append(len(prompt) + len(r.final))
+            # two batch tokenizer calls per split; the untruncated lengths give the percentiles
+            full = tokenize_pairs(tok, prompts, [r.final for r in recs], 10**9)
+            cut = [pair_from_ids(f.input_ids[:f.prompt_tokens], f.input_ids[f.prompt_tokens:-1], tok.eos_token_id,
+                                 seq_length) for f in full]
+            p_tok, c_tok = sum(c.prompt_tokens for c in cut), sum(c.completion_tokens for c in cut)
+            trunc = sum(c.truncated for c in cut)
+            tot_tokens = [f.prompt_tokens + f.completion_tokens for f in full]
+            chars = [len(p) + len(r.final) for p, r in zip(prompts, recs)]
             write_text_atomic(tmp / f"{split}.jsonl", _jsonl(nemo))
             write_text_atomic(tmp / "hf" / f"{split}.jsonl", _jsonl(hf))
             stats["rows"][split] = len(recs)

@@ -59,6 +59,28 @@ def build_messages(draft: str, section: str, date: str, fund: str | None = None,
     return msgs
 
 
+_SLOT = "\x00user-content\x00"  # no normalised text holds a NUL (recipes.schema.normalize_text removes them)
+
+
+def prompt_renderer(tokenizer, system: str = SYSTEM_PROMPT):
+    """A function ``user content -> rendered prompt`` equal to :func:`render_prompt` of
+    ``[system, user]`` messages, rendering the chat template once: the template is rendered with a slot
+    for the user content, which is then substituted. The substitution is used only when the template
+    inserts the content verbatim, checked on probe contents (whitespace at both ends, newlines, braces, a
+    template-looking string); otherwise every call renders the template (always correct, slower)."""
+    def direct(content: str) -> str:
+        return render_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": content}])
+
+    shell = direct(_SLOT)
+    if shell.count(_SLOT) != 1:
+        return direct
+    head, tail = shell.split(_SLOT)
+    probes = (" 前後に空白 \n", "下書き:\n{{ x }} {% if %}\n\n二行", "<|im_end|> [INST] \\n", "a")
+    if any(direct(p) != head + p + tail for p in probes):
+        return direct
+    return lambda content: head + content + tail
+
+
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The prompt text up to and including the assistant header, rendered with the model's own
     chat template (tokenizer_config.json). The completion follows it directly, without a space."""

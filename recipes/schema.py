@@ -15,6 +15,25 @@ import unicodedata
 SECTIONS = ("市場動向", "運用状況", "今後の見通しと運用方針")
 
 _ZERO_WIDTH = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
+
+
+def _removed_class() -> re.Pattern:
+    """Rule 2's characters as one regex class: control (Cc) except LF, format (Cf) and _ZERO_WIDTH. Cf
+    characters exist only in planes 0, 1 and 14 (Unicode 15), which are scanned once at import."""
+    cps = sorted({ord(c) for c in _ZERO_WIDTH} | {
+        c for plane in (range(0x0, 0x20000), range(0xE0000, 0xF0000)) for c in plane
+        if c != 0x0A and not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) in ("Cc", "Cf")})
+    ranges, start, prev = [], cps[0], cps[0]
+    for c in cps[1:]:
+        if c != prev + 1:
+            ranges.append((start, prev))
+            start = c
+        prev = c
+    ranges.append((start, prev))
+    return re.compile("[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]")
+
+
+_REMOVED = _removed_class()
 _HALF_KANA = re.compile(r"[\uff61-\uff9f]+")  # half-width katakana and ｡｢｣､･ punctuation
 _FULL_ALNUM = re.compile(r"[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a]")  # ０-９ Ａ-Ｚ ａ-ｚ
 _NUM_SEP = re.compile(r"(?<=[0-9])[\uff0e\uff0c](?=[0-9])")  # ．，inside a number (after digits map)
@@ -38,8 +57,7 @@ def normalize_text(s: str) -> str:
     ``NFKC(normalize_text(s)) == NFKC(s)`` up to rules 1, 2 and 5.
     """
     s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
-    s = "".join(c for c in s if c == "\n" or not (
-        c in _ZERO_WIDTH or unicodedata.category(c) in ("Cc", "Cf")))
+    s = _REMOVED.sub("", s)
     s = _HALF_KANA.sub(lambda m: unicodedata.normalize("NFKC", m.group()), s)
     s = _FULL_ALNUM.sub(lambda m: chr(ord(m.group()) - 0xFEE0), s)
     s = _NUM_SEP.sub(lambda m: chr(ord(m.group()) - 0xFEE0), s)

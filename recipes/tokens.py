@@ -27,7 +27,25 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, seq_length: int) -> T
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token")
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return pair_from_ids(p, c, tokenizer.eos_token_id, seq_length)
+
+
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str], seq_length: int) -> list[TokenizedPair]:
+    """:func:`tokenize_pair` for many pairs with two batch calls of the tokenizer (a fast tokenizer
+    encodes a batch in Rust): the same ids as one call per text."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token")
+    if not prompts:
+        return []
+    ps = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    cs = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return [pair_from_ids(p, c, tokenizer.eos_token_id, seq_length) for p, c in zip(ps, cs)]
+
+
+def pair_from_ids(p: list[int], completion_ids: list[int], eos_id: int, seq_length: int) -> TokenizedPair:
+    """The pair of prompt ids ``p`` and completion ids (EOS appended here), cut as GPTSFTDataset cuts it."""
+    c = list(completion_ids) + [eos_id]
     truncated = len(p) + len(c) > seq_length
     if truncated:
         keep = max(seq_length - len(c), 0)

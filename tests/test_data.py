@@ -376,9 +376,15 @@ def test_failure_while_writing_leaves_nothing_and_keeps_old_output(rows, tok_dir
     prepare(tmp_path / "p.jsonl", tmp_path / "out", tok_dir)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
 
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-    monkeypatch.setattr(data, "tokenize_pair", boom)
+    calls = []
+    real = data.tokenize_pairs
+
+    def boom(*a, **k):  # the second split fails, after the first split's files were written
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("disk full")
+        return real(*a, **k)
+    monkeypatch.setattr(data, "tokenize_pairs", boom)
     with pytest.raises(RuntimeError):
         prepare(tmp_path / "p.jsonl", tmp_path / "new", tok_dir)
     with pytest.raises(RuntimeError):
