@@ -434,8 +434,9 @@ def _prepare_records(records: list[Record], source: str, out: Path, tokenizer_di
                 hf.append({"prompt": msgs, "completion": [{"role": "assistant", "content": r.final}], **meta})
             # two batch tokenizer calls per split; the untruncated lengths give the percentiles
             full = tokenize_pairs(tok, prompts, [r.final for r in recs], 10**9)
-            cut = [pair_from_ids(f.input_ids[:f.prompt_tokens], f.input_ids[f.prompt_tokens:-1], tok.eos_token_id,
-                                 seq_length) for f in full]
+            eos = tok.eos_token_id
+            cut = [pair_from_ids(f.input_ids[:f.prompt_tokens], f.input_ids[f.prompt_tokens:-1], eos, seq_length)
+                   for f in full]
             p_tok, c_tok = sum(c.prompt_tokens for c in cut), sum(c.completion_tokens for c in cut)
             trunc = sum(c.truncated for c in cut)
             tot_tokens = [f.prompt_tokens + f.completion_tokens for f in full]

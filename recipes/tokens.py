@@ -40,7 +40,8 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str], seq_le
         return []
     ps = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     cs = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    return [pair_from_ids(p, c, tokenizer.eos_token_id, seq_length) for p, c in zip(ps, cs)]
+    eos = tokenizer.eos_token_id  # a property lookup through the tokenizer's __getattr__: once
+    return [pair_from_ids(p, c, eos, seq_length) for p, c in zip(ps, cs)]
 
 
 def pair_from_ids(p: list[int], completion_ids: list[int], eos_id: int, seq_length: int) -> TokenizedPair:
