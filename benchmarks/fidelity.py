@@ -49,6 +49,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterable, Optional
 
+from recipes.schema import char_class
+
 # canonical name -> aliases (compared after NFKC; longest alias first at match time)
 INSTRUMENTS: dict[str, list[str]] = {
     "TOPIX": ["TOPIX", "東証株価指数"],
@@ -170,17 +172,9 @@ class Comparison:
 def _unstable_class() -> re.Pattern:
     """A regex of the BMP characters NFKC changes (plus U+2212 MINUS SIGN): only their runs need the
     per-character pass; everything else maps one to one."""
-    cps = [c for c in range(0x80, 0x10000) if not 0xD800 <= c <= 0xDFFF
-           and unicodedata.normalize("NFKC", chr(c)) != chr(c)] + [0x2212]
-    ranges, start, prev = [], cps[0], cps[0]
-    for c in cps[1:]:
-        if c != prev + 1:
-            ranges.append((start, prev))
-            start = c
-        prev = c
-    ranges.append((start, prev))
-    cls = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
-    return re.compile(f"[{cls}]+|パーセント")
+    cls = char_class([c for c in range(0x80, 0x10000) if not 0xD800 <= c <= 0xDFFF
+                      and unicodedata.normalize("NFKC", chr(c)) != chr(c)] + [0x2212])
+    return re.compile(f"{cls}+|パーセント")
 
 
 _UNSTABLE = _unstable_class()

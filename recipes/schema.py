@@ -17,12 +17,9 @@ SECTIONS = ("市場動向", "運用状況", "今後の見通しと運用方針")
 _ZERO_WIDTH = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
 
 
-def _removed_class() -> re.Pattern:
-    """Rule 2's characters as one regex class: control (Cc) except LF, format (Cf) and _ZERO_WIDTH. Cf
-    characters exist only in planes 0, 1 and 14 (Unicode 15), which are scanned once at import."""
-    cps = sorted({ord(c) for c in _ZERO_WIDTH} | {
-        c for plane in (range(0x0, 0x20000), range(0xE0000, 0xF0000)) for c in plane
-        if c != 0x0A and not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) in ("Cc", "Cf")})
+def char_class(code_points) -> str:
+    """A regex character class ``[...]`` matching exactly these code points (consecutive ones as ranges)."""
+    cps = sorted(set(code_points))
     ranges, start, prev = [], cps[0], cps[0]
     for c in cps[1:]:
         if c != prev + 1:
@@ -30,7 +27,15 @@ def _removed_class() -> re.Pattern:
             start = c
         prev = c
     ranges.append((start, prev))
-    return re.compile("[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]")
+    return "[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]"
+
+
+def _removed_class() -> re.Pattern:
+    """Rule 2's characters as one regex class: control (Cc) except LF, format (Cf) and _ZERO_WIDTH. Cf
+    characters exist only in planes 0, 1 and 14 (Unicode 15), which are scanned once at import."""
+    return re.compile(char_class({ord(c) for c in _ZERO_WIDTH} | {
+        c for plane in (range(0x0, 0x20000), range(0xE0000, 0xF0000)) for c in plane
+        if c != 0x0A and not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) in ("Cc", "Cf")}))
 
 
 _REMOVED = _removed_class()
