@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import contextlib
 import json
+import mmap
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ import families
 from convert import run_json_command
 from families.spec import AttentionShape, ModelFamily, ParamMapping, UnsupportedModelError, dtype_kwargs
 from convert.nemo_ckpt import DistCheckpointWriter
-from recipes.fileio import atomic_dir
+from recipes.fileio import atomic_dir, keep_freed_memory
 
 CONVERSION_INFO = "conversion.json"
 TOKENIZER_ARTIFACT = "nemo_tokenizer"  # the name NeMo's importer gives context/<tokenizer dir>
@@ -114,7 +115,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
 
 class SafetensorsReader:
     """All tensors of a HF model dir (``model.safetensors`` or the shards of
-    ``model.safetensors.index.json``), read one at a time into fresh memory (no mmap)."""
+    ``model.safetensors.index.json``), read one at a time: into fresh memory (:meth:`get`), or mapped
+    from the page cache (:meth:`mapped`: one private mapping per tensor, unmapped when its last view
+    is dropped, so the RSS holds only the tensors in use)."""
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
@@ -145,16 +148,33 @@ class SafetensorsReader:
                     raise ConversionError(f"{index}: tensor {k!r} is mapped to {fname} but is not in that file")
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read into fresh memory."""
         e = self.entries.get(name)
         if e is None:
             raise ConversionError(f"{self.dir}: missing tensor {name!r}")
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        with open(e.file, "rb") as f:
+        with open(e.file, "rb", buffering=0) as f:
             f.seek(e.start)
             got = f.readinto(memoryview(buf.numpy()))
         if got != e.nbytes:
             raise ConversionError(f"{e.file}: truncated — tensor {name!r} has {got} of {e.nbytes} bytes")
         return buf.view(e.dtype).reshape(e.shape)
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a view of its own copy-on-write mapping of its file's bytes: written
+        out, its bytes go from the page cache to the output with one copy (measured here, 1 GB into a
+        new file: 1.1 GB/s from a mapping, 0.4-0.5 GB/s through a reused 64 MiB read buffer)."""
+        e = self.entries.get(name)
+        if e is None:
+            raise ConversionError(f"{self.dir}: missing tensor {name!r}")
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        base = e.start - e.start % mmap.ALLOCATIONGRANULARITY
+        with open(e.file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < e.start + e.nbytes:
+                raise ConversionError(f"{e.file}: truncated — tensor {name!r} needs bytes up to {e.start + e.nbytes}")
+            m = mmap.mmap(f.fileno(), e.start + e.nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(m, dtype=torch.uint8, count=e.nbytes, offset=e.start - base).view(e.dtype).reshape(e.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +257,11 @@ def make_plan(hf_dir: str | Path, reader: SafetensorsReader, tokenizer_len: int)
 
 
 def write_weights(plan: Plan, reader: SafetensorsReader, weights_dir: Path, progress: bool = True) -> dict:
-    """Stream every tensor into ``weights_dir``; returns {"tensors": n, "bytes": b}."""
+    """Stream every tensor into ``weights_dir``; returns {"tensors": n, "bytes": b}.
+
+    Decoder-layer tensors are mapped (:meth:`SafetensorsReader.mapped`), one mapping row at a time
+    (q/k/v, gate/up, ...), so torch.save writes them from the page cache and at most one row's
+    mappings and its fused copy are held."""
     from tqdm import tqdm
 
     w = DistCheckpointWriter(weights_dir)
@@ -260,13 +284,14 @@ def write_weights(plan: Plan, reader: SafetensorsReader, weights_dir: Path, prog
                                                                         *t.shape[1:], dtype=t.dtype))
         n_tensors += len(tensors)
         del tensors, t
+
     for layer in tqdm(range(plan.num_layers), desc="layers", unit="layer", disable=not progress):
         for row in layer_rows:
-            tensors = [reader.get(n) for n in row.hf_names(layer)]
+            tensors = [reader.mapped(n) for n in row.hf_names(layer)]
             for off, chunk in row.to_megatron(tensors, plan.attn):
                 w.write_chunk(row.dist_key, (layer, off, *[0] * (chunk.dim() - 1)), chunk.unsqueeze(0))
             n_tensors += len(tensors)
-            del tensors
+            del tensors  # the last views: unmapped
         for module in plan.family.extra_state:
             w.write_object(f"decoder.layers.{module}._extra_state/shard_{layer}_{plan.num_layers}", None)
     w.close()
@@ -385,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def call():
+        keep_freed_memory()
         import_dependencies()
         return convert(args.hf, args.output, overwrite=args.overwrite, progress=not args.no_progress)
 

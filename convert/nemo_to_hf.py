@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import concurrent.futures
 import json
 import re
 import shutil
@@ -46,7 +47,7 @@ from convert import run_json_command
 from families.spec import CONFIG_FIELDS, AttentionShape, ModelFamily, UnsupportedModelError
 from convert.merge import TOKENIZER_FILES
 from convert.nemo_ckpt import NemoCheckpoint
-from recipes.fileio import atomic_dir
+from recipes.fileio import PieceWriter, atomic_dir, keep_freed_memory
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -191,7 +192,7 @@ class ShardWriter:
             raise RuntimeError(f"out of plan: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {want}")
         if shard != self._current:
             self._close_file()
-            self._file = open(self.dir / self.names[shard], "wb")
+            self._file = PieceWriter(self.dir / self.names[shard])
             self._file.write(safetensors_header(self.shards[shard]))
             self._current = shard
         data = tensor.contiguous().view(torch.uint8).reshape(-1)  # raw bytes, little endian as safetensors
@@ -273,8 +274,9 @@ def copy_tokenizer(src: Path, dest: Path) -> list[str]:
 
 
 def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None = None, overwrite: bool = False,
-            max_shard_size: str | int = "2GB", progress: bool = True) -> dict:
-    """NeMo 2 checkpoint -> HF model dir; returns a small report."""
+            max_shard_size: str | int = "2GB", progress: bool = True, prefetch: bool = True) -> dict:
+    """NeMo 2 checkpoint -> HF model dir; returns a small report. With ``prefetch`` one thread reads
+    and splits the next tensor while the current one is written (see :func:`_prepared`)."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -307,14 +309,11 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
     with atomic_dir(output, overwrite, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, shards)
         bar = tqdm(total=sum(t.nbytes for t in flat), unit="B", unit_scale=True, desc="export", disable=not progress)
-        for row, layer, outs in entries:
-            tensor = ckpt.load_layer(row.dist_key, layer)
-            if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                tensor = tensor[:vocab]  # megatron's padding rows
-            for t, data in zip(outs, row.to_hf(tensor, attn)):
-                writer.write(t.name, data)
+        for outs, data in _prepared(entries, ckpt, attn, vocab, budget=parse_size(max_shard_size), prefetch=prefetch):
+            for t, d in zip(outs, data):
+                writer.write(t.name, d)
                 bar.update(t.nbytes)
-            del tensor, data
+            del data
         writer.close()
         bar.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -326,6 +325,35 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
     return {"output": str(Path(output).absolute()), "family": fam.name, "vocab_size": vocab,
             "tensors": len(flat), "shards": len(shards), "bytes": sum(t.nbytes for t in flat),
             "tokenizer_from": str(tok_src), "tokenizer_files": copied, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _prepared(entries: list[tuple], ckpt: NemoCheckpoint, attn: AttentionShape, vocab: int, budget: int,
+              prefetch: bool = True):
+    """Yields ``(outs, tensors)`` per plan entry: the HF tensors of one Megatron tensor, contiguous,
+    ready to write. Chunks are mapped from the ``.distcp`` file (``load_layer(mapped=True)``), so a
+    tensor that needs no reordering goes from the page cache to its shard with one copy; q/k/v are
+    split into fresh memory. With ``prefetch`` the next entry is mapped and split on
+    one worker thread while the caller writes the current one, when both entries, read and split
+    (twice their bytes), fit in ``budget`` (the output shard size: the memory benchmark's bound allows
+    one shard plus one layer); otherwise it is read after the write, as without prefetch."""
+    def load(i: int) -> list[torch.Tensor]:
+        row, layer, _ = entries[i]
+        tensor = ckpt.load_layer(row.dist_key, layer, mapped=True)
+        if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            tensor = tensor[:vocab]  # megatron's padding rows
+        return [d.contiguous() for d in row.to_hf(tensor, attn)]
+
+    size = [sum(t.nbytes for t in outs) for _, _, outs in entries]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo_to_hf-read") as pool:
+        pending = pool.submit(load, 0) if entries else None
+        for i, (_, _, outs) in enumerate(entries):
+            data = pending.result()
+            ahead = i + 1 < len(entries) and prefetch and 2 * (size[i] + size[i + 1]) <= budget
+            pending = pool.submit(load, i + 1) if ahead else None
+            yield outs, data
+            del data
+            if pending is None and i + 1 < len(entries):
+                pending = pool.submit(load, i + 1)
 
 
 def import_dependencies() -> None:
@@ -346,12 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="read each tensor after the previous one is written (default: read the next one on a "
+                         "thread while one is written, when both fit in --max-shard-size)")
     args = ap.parse_args(argv)
 
     def call():
+        keep_freed_memory()
         import_dependencies()
         return convert(args.nemo, args.output, base_hf=args.base_hf, overwrite=args.overwrite,
-                       max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                       max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                       prefetch=not args.no_prefetch)
 
     return run_json_command(call, (ExportError, UnsupportedModelError, FileExistsError,
                                    FileNotFoundError, KeyError))

@@ -96,3 +96,70 @@ def _check_target(out: Path, overwrite: bool, allow_empty: bool = True) -> None:
         raise FileExistsError(f"{out}: exists and is not a directory")
     if out.is_dir() and (any(out.iterdir()) or not allow_empty) and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+WRITE_PIECE = 1 << 20
+
+
+class PieceWriter:
+    """A binary file written in pieces of at most ``WRITE_PIECE`` bytes per ``write(2)``, for large
+    tensor buffers (``torch.save`` to it, or raw bytes). Measured here (ext4, 1 GB into a new file,
+    page cache): 1 MiB writes ran at 3.3-3.5 GB/s in every sample, one 64 MiB write per call at
+    0.5-3.4 GB/s (slow in 6 of 9 samples). ``tell()`` is the bytes written so far."""
+
+    def __init__(self, path: str | Path):
+        self.name = str(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pos = 0
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n, i = len(mv), 0
+        while i < n:
+            i += os.write(self._fd, mv[i:i + WRITE_PIECE])
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve every allocation from its heap and keep freed memory there
+    (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 16 GiB)``), for a streaming command that
+    allocates and frees tensors of the same sizes over and over: by default each allocation above
+    32 MiB is a fresh ``mmap`` whose every 4 KiB page faults on first touch. Measured here: reading
+    1 GB into fresh 64 MiB tensors ran at 1.1 GB/s, with this at 5.2 GB/s after the first pass.
+    The peak RSS is unchanged (the heap keeps at most the high-water mark). Process-wide, so called
+    by command-line ``main()``s only; returns False where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 34))

@@ -17,6 +17,48 @@ def test_bound_is_baseline_plus_largest_shard_plus_one_layer():
     assert not r["ok"] and r["margin_bytes"] == -1
 
 
+def test_ratios_to_the_copy_and_the_min_ratio_check():
+    runs = {"copy": {"gb_per_s": 2.0}, "hf_to_nemo": {"gb_per_s": 1.2}, "nemo_to_hf": {"gb_per_s": 0.9}}
+    cm.add_ratios(runs)
+    assert runs["hf_to_nemo"]["ratio_to_copy"] == 0.6 and runs["nemo_to_hf"]["ratio_to_copy"] == 0.45
+    assert "ratio_to_copy" not in runs["copy"]
+    assert cm.below_ratio(runs, 0.5) == ["nemo_to_hf"] and cm.below_ratio(runs, 0.4) == []
+    runs["nemo_to_hf"]["gb_per_s"] = None  # unknown counts as below
+    cm.add_ratios(runs)
+    assert cm.below_ratio(runs, 0.1) == ["nemo_to_hf"]
+
+
+def test_best_of_rounds_is_the_fastest_with_the_highest_peak():
+    rounds = [{"seconds": 3.0, "peak_rss_bytes": 1_100, "baseline_rss_bytes": 1_000, "bound_bytes": 1_300, "ok": True},
+              {"seconds": 2.0, "peak_rss_bytes": 1_200, "baseline_rss_bytes": 1_000, "bound_bytes": 1_300, "ok": True},
+              {"seconds": 2.5, "peak_rss_bytes": 1_350, "baseline_rss_bytes": 1_000, "bound_bytes": 1_300, "ok": False}]
+    best = cm.best_of(rounds)
+    assert best["seconds"] == 2.0 and best["rounds_s"] == [3.0, 2.0, 2.5]
+    assert best["peak_rss_bytes"] == 1_350 and best["margin_bytes"] == -50 and best["ok"] is False
+    assert cm.best_of([{"seconds": 1.0, "peak_rss_bytes": 5}])["peak_rss_bytes"] == 5  # the copy: no bound
+    with pytest.raises(ValueError, match="repeat"):
+        cm.run_benchmark("/nonexistent", 0.1, repeat=0)
+
+
+def test_cli_exit_status_for_a_slow_converter(tmp_path, monkeypatch, capsys):
+    res = {"model": {"layers": 1, "dtype": "float32", "bytes": 10**9, "shards": 1, "largest_shard_bytes": 10**9,
+                     "layer_bytes": 10**8},
+           "runs": {name: {"wall_s": 1.0, "seconds": 1.0, "gb_per_s": g, "peak_rss_bytes": 10**8,
+                           "baseline_rss_bytes": 10**8, **({} if name == "copy" else {"ok": True, "bound_bytes": 10**9})}
+                    for name, g in (("copy", 2.0), ("hf_to_nemo", 1.5), ("nemo_to_hf", 0.5))}}
+    cm.add_ratios(res["runs"])
+    monkeypatch.setattr(cm, "run_benchmark", lambda *a, **k: res)
+    args = ["--workdir", str(tmp_path), "--size-gb", "1"]
+    assert cm.main(args) == 0
+    out = capsys.readouterr().out
+    assert "x copy" in out and "0.25" in out and "0.75" in out
+    assert cm.main(args + ["--min-ratio", "0.5"]) == 3
+    assert "nemo_to_hf" in capsys.readouterr().err
+    assert cm.main(args + ["--min-ratio", "0.2"]) == 0
+    saved = json.loads((tmp_path / "convert_memory.json").read_text())
+    assert saved["runs"]["nemo_to_hf"]["ratio_to_copy"] == 0.25
+
+
 def test_built_model_has_the_planned_layer_size_and_shards(tmp_path):
     from safetensors import safe_open
 
@@ -47,5 +89,6 @@ def test_small_benchmark_run_meets_the_bound(tmp_path):
         # conversion's peak is its baseline plus at least one layer
         assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] and r["ok"], (name, r)
         assert r["report"]["tensors"] == 9 * res["model"]["layers"] + 3
+        assert r["ratio_to_copy"] == pytest.approx(r["gb_per_s"] / res["runs"]["copy"]["gb_per_s"], abs=1e-3)
     assert "hf_to_nemo" in cm.format_table(res)
     assert not (tmp_path / "work" / "hf").exists()  # cleaned up
