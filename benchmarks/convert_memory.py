@@ -1,7 +1,7 @@
 """Peak memory and throughput of the streaming HF <-> NeMo converters against a plain file copy.
 
     python -m benchmarks.convert_memory --size-gb 2 --workdir /tmp/convmem [--dtype bfloat16] \\
-        [--shard-size 1GB] [--repeat 3] [--min-ratio 0.5] [--json results.json] [--keep]
+        [--shard-size 1GB] [--repeat 5] [--min-ratio 0.5] [--json results.json] [--keep]
 
 1. Builds a random Llama of about ``--size-gb`` in ``WORKDIR/hf`` without ever holding it whole:
    wide layers (hidden 2048, ffn 8192, GQA 16/4 heads) so a few layers make a few GB, written shard
@@ -18,7 +18,7 @@
    Throughput is the model bytes over the tool's own conversion seconds (imports excluded); the
    wall time of each child is reported too, and each converter's throughput as a ratio to the
    copy's, measured in the same run (``--min-ratio R``: exit status 3 when one is below R). With
-   ``--repeat N`` (default 3) the three runs go round N times and each tool's fastest round counts
+   ``--repeat N`` (default 5) the three runs go round N times and each tool's fastest round counts
    (all rounds' seconds are in the JSON; the peak RSS checked is the highest of any round).
    Settling (:func:`settle`): ``os.sync()``, so none starts with another's dirty pages to write
    back (the kernel throttles a writer that has too many), then a fixed pause. On a VM whose
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=SHAPE["hidden"], help="hidden size (ffn = 4x)")
     ap.add_argument("--json", help="results file (default WORKDIR/convert_memory.json)")
     ap.add_argument("--keep", action="store_true", help="keep the model dirs")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="rounds of the three runs; each tool's fastest counts (default 3)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="rounds of the three runs; each tool's fastest counts (default 5)")
     ap.add_argument("--min-ratio", type=float, help="exit 3 when a converter's throughput is below this "
                                                     "fraction of the plain copy's (e.g. 0.5)")
     args = ap.parse_args(argv)

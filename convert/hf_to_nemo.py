@@ -14,9 +14,10 @@ The output is what NeMo 2.1's importer (``llm.import_ckpt``) writes and what NeM
 * ``conversion.json`` — source, family, tensor count, bytes, seconds.
 
 Tensors keep their dtype and values bit for bit (the row table is the family's, :mod:`families`). HF
-tensors are read straight from the safetensors files with ``readinto`` (:class:`SafetensorsReader`):
-safetensors' own ``safe_open`` memory-maps whole shards, and touched mmap pages count in RSS, so
-peak memory here is one layer's tensors above the interpreter. Everything is checked before the
+tensors are taken straight from the safetensors files (:class:`SafetensorsReader`): decoder tensors
+as one small copy-on-write mapping each, dropped once written, so ``torch.save`` writes them from
+the page cache with one copy (safetensors' own ``safe_open`` maps whole shards, and touched pages
+count in RSS), the rest with ``readinto``; peak memory is one layer's tensors above the interpreter. Everything is checked before the
 first byte is written: every tensor present, in range of its file, with the shape the config
 implies. The output is built in a temp dir beside the target and renamed at the end
 (:func:`recipes.fileio.atomic_dir`): a killed run leaves no output that looks complete.

@@ -16,10 +16,12 @@ its file range (``_StorageInfo``); megatron adds ``metadata.json`` (backend name
 
 Speed: a chunk is read by ``torch.load`` straight from its byte range of the ``.distcp`` file
 (:class:`FileRange`, the way DCP's own FileSystemReader reads, so the bytes are copied once, into
-the tensor); chunks are written by ``torch.save`` without record CRC32s
-(:func:`records_without_crc32`): miniz's byte-at-a-time CRC is 85 % of a write (0.48 GB/s with it,
-3.15 GB/s without, measured here on 67 MB tensors), and torch.load never checks it (PyTorch builds
-miniz with ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS``; torch 1.9's build log already lists it).
+the tensor), or mapped (:func:`mapped_record`), or located for a file-to-file copy
+(:meth:`NemoCheckpoint.rows_location`), both after a data-free ``torch.load(map_location="meta")``
+check of the record (:func:`record_data`). Chunks are written by ``torch.save`` without record
+CRC32s (:func:`records_without_crc32`): miniz's byte-at-a-time CRC is 85 % of a write (0.48 GB/s
+with it, 3.15 GB/s without, measured on 67 MB tensors), and torch.load never checks it (PyTorch
+builds miniz with ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS``; torch 1.9's build log already lists it).
 """
 from __future__ import annotations
 
@@ -90,14 +92,12 @@ class FileRange(io.RawIOBase):
         return got
 
 
-def mapped_record(f, offset: int, length: int) -> torch.Tensor | None:
-    """The tensor ``torch.save``'d at bytes ``[offset, offset + length)`` of the open file ``f``, as
-    a view of a copy-on-write mapping of its data bytes, or None when the record is not one plain
-    tensor (then read it with ``torch.load``). Checked first: ``torch.load(map_location="meta")``
-    unpickles the record without its data (shape, dtype, strides, storage size), and the zip entry
-    of its one storage is stored uncompressed, little endian, exactly the tensor's bytes. Written
-    out, a mapped tensor's bytes go from the page cache to the output file with one copy."""
-    import mmap
+def record_data(f, offset: int, length: int) -> tuple[int, torch.Tensor] | None:
+    """Where the data of the tensor ``torch.save``'d at bytes ``[offset, offset + length)`` of the
+    open file ``f`` starts, with the tensor on the meta device (shape, dtype), or None when the record
+    is not one plain tensor (then read it with ``torch.load``). Checked: ``torch.load(map_location=
+    "meta")`` unpickles the record without its data (shape, dtype, strides, storage size), and the
+    zip entry of its one storage is stored uncompressed, little endian, exactly the tensor's bytes."""
     import struct
     import zipfile
 
@@ -133,6 +133,20 @@ def mapped_record(f, offset: int, length: int) -> torch.Tensor | None:
             return None
     except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError):
         return None
+    return start, meta
+
+
+def mapped_record(f, offset: int, length: int) -> torch.Tensor | None:
+    """The tensor ``torch.save``'d at bytes ``[offset, offset + length)`` of the open file ``f`` as a
+    view of a copy-on-write mapping of its data bytes (checked by :func:`record_data`), or None.
+    Written out, a mapped tensor's bytes go from the page cache to the output file with one copy."""
+    import mmap
+
+    found = record_data(f, offset, length)
+    if found is None:
+        return None
+    start, meta = found
+    nbytes = meta.numel() * meta.element_size()
     base = start - start % mmap.ALLOCATIONGRANULARITY
     m = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
     t = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start - base)
@@ -228,6 +242,40 @@ class NemoCheckpoint:
             raise ValueError(f"{self.weights_dir}: the chunks of {key} cover {covered} of {out.numel()} "
                              f"elements{'' if layer is None else f' of layer {layer}'}")
         return out[0] if layer is not None else out
+
+    def rows_location(self, name: str, layer: int | None, lo: int, hi: int) -> tuple[Path, int] | None:
+        """``(file, offset)`` of rows ``[lo, hi)`` of one layer (of the tensor when ``layer`` is None),
+        when one plain chunk record (:func:`record_data`) holds them whole, so their bytes are one
+        contiguous range that can be copied file to file; else None."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        key = self._key(name)
+        md = self._metadata.state_dict_metadata[key]
+        want_lo = ([layer] if layer is not None else []) + [lo]
+        want_hi = ([layer + 1] if layer is not None else []) + [hi]
+        d = len(want_lo)  # the dims before the rows' own (full) dims
+        for chunk in md.chunks:
+            c_lo, c_sz = list(chunk.offsets), list(chunk.sizes)
+            if not all(c_lo[i] <= want_lo[i] and want_hi[i] <= c_lo[i] + c_sz[i] for i in range(d)):
+                continue
+            if any(c_lo[d:]) or c_sz[d:] != list(md.size[d:]):
+                return None  # split along a later dim (a TP-sharded checkpoint): not one byte range
+            info = self._metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+            if info is None or getattr(info, "transform_descriptors", None):
+                return None
+            path = self.weights_dir / info.relative_path
+            with open(path, "rb", buffering=0) as f:
+                if info.offset + info.length > os.fstat(f.fileno()).st_size:
+                    return None
+                found = record_data(f, info.offset, info.length)
+            if found is None or list(found[1].shape) != c_sz:
+                return None
+            start, meta = found
+            row_bytes = meta.element_size()
+            for n in c_sz[d:]:
+                row_bytes *= n
+            first = (want_lo[0] - c_lo[0]) * c_sz[1] + (lo - c_lo[1]) if d == 2 else lo - c_lo[0]
+            return path, start + first * row_bytes
+        return None
 
     def _read_chunk(self, key: str, chunk, mapped: bool = False) -> torch.Tensor:
         from torch.distributed.checkpoint.metadata import MetadataIndex

@@ -1,7 +1,7 @@
 """NeMo 2 checkpoint (full model) -> Hugging Face Llama/Qwen2 directory, streaming, one layer at a time.
 
     python -m convert.nemo_to_hf --nemo NEMO_DIR --output HF_DIR [--base-hf BASE_HF_DIR] \\
-        [--max-shard-size 2GB] [--overwrite]
+        [--max-shard-size 2GB] [--overwrite] [--no-prefetch]
 
 Writes ``config.json``, safetensors shards (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` +
 ``model.safetensors.index.json`` when there are several, as transformers names them),
@@ -16,8 +16,11 @@ generation_config.json are copied from ``--base-hf``, else taken from the checkp
 
 Streaming: the shard layout is planned from the checkpoint metadata first (names, shapes, dtypes
 are known without reading data), each shard's safetensors header is written when it is opened, and
-tensors are read one layer at a time (:meth:`convert.nemo_ckpt.NemoCheckpoint.load_layer`) and
-appended, so memory stays at about one layer. Tensors keep their dtype and values bit for bit.
+tensors are appended one layer at a time, so memory stays at about one layer. A tensor whose rows
+lie whole in one DCP chunk record (all but q/k/v, whose heads are interleaved) is copied file to
+file inside the kernel (``copy_file_range``, :meth:`convert.nemo_ckpt.NemoCheckpoint.rows_location`);
+q/k/v are mapped (:meth:`~convert.nemo_ckpt.NemoCheckpoint.load_layer` with ``mapped=True``), split
+and written, the next one on a thread while the current one is written (``--no-prefetch``: not). Tensors keep their dtype and values bit for bit.
 The output is built in a temp dir and renamed at the end (:func:`recipes.fileio.atomic_dir`).
 LoRA checkpoints (adapters only) are refused: see ``convert.lora_to_peft`` / ``convert.merge``.
 """
@@ -190,14 +193,26 @@ class ShardWriter:
         shard, want = self._queue[self._pos]
         if name != want.name or tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
             raise RuntimeError(f"out of plan: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {want}")
+        self._open(shard)
+        data = tensor.contiguous().view(torch.uint8).reshape(-1)  # raw bytes, little endian as safetensors
+        self._file.write(memoryview(data.numpy()))
+        self._pos += 1
+
+    def write_from_file(self, name: str, src: Path, offset: int) -> None:
+        """The next planned tensor, ``name``, as the bytes at ``offset`` of ``src`` (copied file to file)."""
+        shard, want = self._queue[self._pos]
+        if name != want.name:
+            raise RuntimeError(f"out of plan: got {name}, expected {want}")
+        self._open(shard)
+        self._file.copy_from(src, offset, want.nbytes)
+        self._pos += 1
+
+    def _open(self, shard: int) -> None:
         if shard != self._current:
             self._close_file()
             self._file = PieceWriter(self.dir / self.names[shard])
             self._file.write(safetensors_header(self.shards[shard]))
             self._current = shard
-        data = tensor.contiguous().view(torch.uint8).reshape(-1)  # raw bytes, little endian as safetensors
-        self._file.write(memoryview(data.numpy()))
-        self._pos += 1
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -311,7 +326,10 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
         bar = tqdm(total=sum(t.nbytes for t in flat), unit="B", unit_scale=True, desc="export", disable=not progress)
         for outs, data in _prepared(entries, ckpt, attn, vocab, budget=parse_size(max_shard_size), prefetch=prefetch):
             for t, d in zip(outs, data):
-                writer.write(t.name, d)
+                if isinstance(d, tuple):
+                    writer.write_from_file(t.name, *d)
+                else:
+                    writer.write(t.name, d)
                 bar.update(t.nbytes)
             del data
         writer.close()
@@ -327,8 +345,32 @@ def convert(nemo_dir: str | Path, output: str | Path, base_hf: str | Path | None
             "tokenizer_from": str(tok_src), "tokenizer_files": copied, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _file_slices(ckpt: NemoCheckpoint, row, layer, attn: AttentionShape, vocab: int, outs) -> list | None:
+    """``[(file, offset), ...]`` per HF tensor of one entry when each is a run of whole rows of the
+    Megatron tensor held in one chunk record (everything but a reordered q/k/v): ``row.to_hf`` runs
+    on a meta tensor, and an output that is a contiguous view of it gives its rows."""
+    shape, dtype = ckpt.tensors[row.dist_key]
+    root = torch.empty(tuple(shape[1:]) if layer is not None else tuple(shape), dtype=dtype, device="meta")
+    if root.dim() == 0 or root.numel() == 0:
+        return None
+    src = root[:vocab] if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight") else root
+    row_elems = root[0].numel()
+    found = []
+    for o, want in zip(row.to_hf(src, attn), outs):
+        if not o.is_contiguous() or not (o is root or o._base is root) or tuple(o.shape) != tuple(want.shape):
+            return None
+        if o.storage_offset() % row_elems or (o.dim() and o[0].numel() != row_elems):
+            return None
+        lo = o.storage_offset() // row_elems
+        loc = ckpt.rows_location(row.dist_key, layer, lo, lo + (o.shape[0] if o.dim() else 1))
+        if loc is None:
+            return None
+        found.append(loc)
+    return found
+
+
 def _prepared(entries: list[tuple], ckpt: NemoCheckpoint, attn: AttentionShape, vocab: int, budget: int,
-              prefetch: bool = True):
+              prefetch: bool = True, direct: bool = True):
     """Yields ``(outs, tensors)`` per plan entry: the HF tensors of one Megatron tensor, contiguous,
     ready to write. Chunks are mapped from the ``.distcp`` file (``load_layer(mapped=True)``), so a
     tensor that needs no reordering goes from the page cache to its shard with one copy; q/k/v are
@@ -336,8 +378,11 @@ def _prepared(entries: list[tuple], ckpt: NemoCheckpoint, attn: AttentionShape, 
     one worker thread while the caller writes the current one, when both entries, read and split
     (twice their bytes), fit in ``budget`` (the output shard size: the memory benchmark's bound allows
     one shard plus one layer); otherwise it is read after the write, as without prefetch."""
-    def load(i: int) -> list[torch.Tensor]:
-        row, layer, _ = entries[i]
+    def load(i: int) -> list:
+        row, layer, outs = entries[i]
+        located = _file_slices(ckpt, row, layer, attn, vocab, outs) if direct else None
+        if located is not None:
+            return located
         tensor = ckpt.load_layer(row.dist_key, layer, mapped=True)
         if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight"):
             tensor = tensor[:vocab]  # megatron's padding rows

@@ -19,7 +19,7 @@ from convert.nemo_ckpt import DistCheckpointWriter, FileRange, NemoCheckpoint, r
 from recipes import fileio
 from recipes.fileio import PieceWriter, keep_freed_memory
 
-SMALL = {"hidden": 128, "ffn": 512, "heads": 2, "kv_heads": 1, "vocab": 1000}
+SMALL = {"hidden": 128, "ffn": 512, "heads": 4, "kv_heads": 2, "vocab": 1000}  # 2 groups: q/k/v interleaved
 
 
 def _zip_crcs(raw: bytes) -> list[int]:
@@ -149,6 +149,41 @@ def test_mapped_record_is_the_saved_tensor_or_none(tmp_path):
         assert mapped_record(f, ranges[0][0], ranges[0][1] - 200) is None
 
 
+def test_rows_location_is_the_rows_bytes_or_none(tmp_path):
+    w = DistCheckpointWriter(tmp_path / "weights", prefix="")
+    whole = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)  # all layers in one chunk
+    by_rows = torch.arange(48, dtype=torch.bfloat16).reshape(2, 4, 6)  # per layer, rows split 2 + 2
+    by_cols = torch.arange(48, dtype=torch.float32).reshape(2, 4, 6)  # columns split (as TP row-parallel)
+    flat = torch.arange(20, dtype=torch.float32).reshape(4, 5)  # not stacked
+    for k, t in {"whole": whole, "by_rows": by_rows, "by_cols": by_cols, "flat": flat}.items():
+        w.declare(k, t.shape, t.dtype)
+    w.write_chunk("whole", (0, 0, 0), whole)
+    for layer in range(2):
+        w.write_chunk("by_rows", (layer, 0, 0), by_rows[layer:layer + 1, :2].clone())
+        w.write_chunk("by_rows", (layer, 2, 0), by_rows[layer:layer + 1, 2:].clone())
+        w.write_chunk("by_cols", (layer, 0, 0), by_cols[layer:layer + 1, :, :3].clone())
+        w.write_chunk("by_cols", (layer, 0, 3), by_cols[layer:layer + 1, :, 3:].clone())
+    w.write_chunk("flat", (0, 0), flat)
+    w.close()
+    ckpt = NemoCheckpoint.__new__(NemoCheckpoint)
+    ckpt.weights_dir = tmp_path / "weights"
+
+    def at(name, layer, lo, hi, like):
+        loc = ckpt.rows_location(name, layer, lo, hi)
+        if loc is None:
+            return None
+        path, off = loc
+        raw = path.read_bytes()[off:off + like.numel() * like.element_size()]
+        return torch.frombuffer(bytearray(raw), dtype=like.dtype).reshape(like.shape)
+
+    assert torch.equal(at("whole", 1, 1, 3, whole[1, 1:3]), whole[1, 1:3])
+    assert torch.equal(at("whole", 2, 0, 4, whole[2]), whole[2])
+    assert torch.equal(at("by_rows", 1, 2, 4, by_rows[1, 2:]), by_rows[1, 2:])
+    assert at("by_rows", 0, 1, 3, by_rows[0, 1:3]) is None  # spans two chunks
+    assert at("by_cols", 0, 0, 1, by_cols[0, :1]) is None
+    assert torch.equal(at("flat", None, 1, 3, flat[1:3]), flat[1:3])
+
+
 def test_keep_freed_memory_sets_glibc_malloc():
     import platform
     if platform.libc_ver()[0] != "glibc":
@@ -220,21 +255,61 @@ def test_nemo_to_hf_prefetch_writes_the_same_bytes(random_llama):
     assert NemoCheckpoint(nemo).load_layer("decoder.layers.mlp.linear_fc1.weight", 1).shape[0] == 2 * SMALL["ffn"]
 
 
+def test_nemo_to_hf_copies_file_to_file_what_needs_no_reordering(random_llama, monkeypatch):
+    """Everything but q/k/v is copied from the .distcp record's bytes (copy_file_range); the result is
+    the same bytes as writing every tensor from memory."""
+    base, info = random_llama
+    nemo = base / "nemo-direct"
+    hf_to_nemo.convert(base / "hf", nemo, progress=False)
+    copied, written = [], []
+    real_copy, real_write = nemo_to_hf.ShardWriter.write_from_file, nemo_to_hf.ShardWriter.write
+    monkeypatch.setattr(nemo_to_hf.ShardWriter, "write_from_file",
+                        lambda self, name, *a: copied.append(name) or real_copy(self, name, *a))
+    monkeypatch.setattr(nemo_to_hf.ShardWriter, "write",
+                        lambda self, name, t: written.append(name) or real_write(self, name, t))
+    nemo_to_hf.convert(nemo, base / "direct", max_shard_size="3MB", progress=False)
+    assert written and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj") for n in written)
+    assert len(copied) == 9 * info["layers"] + 3 - len(written)
+    monkeypatch.setattr(nemo_to_hf, "_file_slices", lambda *a, **k: None)
+    nemo_to_hf.convert(nemo, base / "in-memory", max_shard_size="3MB", progress=False)
+    a, b = _dir_bytes(base / "direct"), _dir_bytes(base / "in-memory")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_piece_writer_copy_from_falls_back_to_sendfile(tmp_path, monkeypatch):
+    import errno
+
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 10)
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(fileio.os, "copy_file_range", refuse)
+        with PieceWriter(tmp_path / f"out{patch}") as w:
+            w.write(b"head")
+            assert w.copy_from(src, 100, 2000) == 2000 and w.tell() == 2004
+        assert (tmp_path / f"out{patch}").read_bytes() == b"head" + src.read_bytes()[100:2100]
+    with PieceWriter(tmp_path / "short") as w, pytest.raises(EOFError, match="ends before"):
+        w.copy_from(src, 2500, 200)
+
+
 def test_nemo_to_hf_prefetch_stays_within_its_budget(random_llama, monkeypatch):
     """The next tensor is read ahead only when both, read and split, fit in the shard budget."""
     base, _ = random_llama
     nemo = base / "nemo-budget"
     hf_to_nemo.convert(base / "hf", nemo, progress=False)
     ckpt = NemoCheckpoint(nemo)
-    real = NemoCheckpoint.load_layer
     import families
     from families.spec import AttentionShape
     fam = families.for_nemo(ckpt.model_yaml, ckpt.context_dir / "model.yaml")
     entries = nemo_to_hf.plan_tensors(ckpt, fam, ckpt.model_config, 1000)
     attn = AttentionShape.from_nemo(ckpt.model_config)
     calls = []
-    monkeypatch.setattr(NemoCheckpoint, "load_layer", lambda self, k, layer=None, **kw: calls.append((k, layer)) or
-                        real(self, k, layer, **kw))
+    real = nemo_to_hf._file_slices
+    monkeypatch.setattr(nemo_to_hf, "_file_slices", lambda *a: calls.append(a[2]) or real(*a))  # every load
     # with a budget below two entries nothing is read ahead: each load follows the previous yield
     order = [len(calls) for _ in nemo_to_hf._prepared(entries, ckpt, attn, 1000, budget=1, prefetch=True)]
     assert order == list(range(1, len(entries) + 1))
