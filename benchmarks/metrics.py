@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"  # TensorBoard event files of a run: <output_dir>/tb (recipes.config.TrackingConfig)
+# What every backend sends to its tracker per optimizer step (TensorBoard tag "train/<name>"), from
+# the same StepRecord as metrics.jsonl, so two runs overlay tag for tag: tracked_scalars().
+TRACKED = ("loss", "lr", "step_time_s", "tokens_per_s", "tokens", "loss_tokens", "samples")
 
 
 @dataclass
@@ -144,6 +148,29 @@ class StepTimer:
     def close(self) -> None:
         if self._f is not None and not self._f.closed:
             self._f.close()
+
+
+def tracked_scalars(rec: StepRecord) -> dict[str, float]:
+    """The :data:`TRACKED` values of one step (``tokens_per_s``: real tokens over the step time; the
+    CUDA peaks when measured, as ``cuda_max_allocated_bytes``/``cuda_max_reserved_bytes``)."""
+    out = {"loss": rec.loss, "lr": rec.lr, "step_time_s": rec.step_time_s,
+           "tokens_per_s": rec.tokens / rec.step_time_s if rec.step_time_s > 0 else None,
+           "tokens": rec.tokens, "loss_tokens": rec.loss_tokens, "samples": rec.samples,
+           "cuda_max_allocated_bytes": rec.cuda_max_allocated_bytes,
+           "cuda_max_reserved_bytes": rec.cuda_max_reserved_bytes}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def read_tensorboard(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the event files in ``tb_dir`` -> ``[(step, value), ...]``, read with
+    TensorBoard's own EventAccumulator (all events kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not Path(tb_dir).is_dir():
+        raise FileNotFoundError(f"{tb_dir}: no TensorBoard directory")
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def batch_token_counts(input_ids, labels, pad_mask) -> dict[str, int]:

@@ -112,6 +112,13 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # TensorBoard event files under <output_dir>/tb, written by each backend's own logger (NeMo's
+    # NeMoLogger with Lightning's TensorBoardLogger; HF's report_to="tensorboard").
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     method: Literal["lora", "sft"]
@@ -122,6 +129,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def world_size(self) -> int:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import families
+from benchmarks.metrics import TB_DIR
 from recipes.config import ExperimentConfig, check_runs_on_cpu
 from recipes.fileio import write_text_atomic
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
@@ -82,7 +83,8 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         eval_strategy="steps" if t.val_check_interval else "no",
         eval_steps=t.val_check_interval or None,
         save_strategy="no",  # the final adapter/model is saved explicitly below
-        report_to="none",
+        report_to=["tensorboard"] if cfg.tracking.tensorboard else "none",
+        logging_dir=str(Path(output_dir).absolute() / TB_DIR),
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         dataloader_drop_last=True,  # like NeMo's sampler: every step sees a full global batch
@@ -134,7 +136,8 @@ def _metrics_callback(timer):
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
-        """Writes one metrics.jsonl record per optimizer step (loss arrives with on_log)."""
+        """Starts each step's clock and keeps the lr the step uses (the record is written by
+        CountingSFTTrainer.log, where the loss arrives)."""
 
         lr = None
 
@@ -142,10 +145,6 @@ def _metrics_callback(timer):
             timer.begin()
             if optimizer is not None:
                 self.lr = optimizer.param_groups[0]["lr"]
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                timer.end(state.global_step, logs["loss"], self.lr)
 
     return MetricsCallback()
 
@@ -164,7 +163,7 @@ class HFRecipe:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        from benchmarks.metrics import StepTimer, batch_token_counts
+        from benchmarks.metrics import StepTimer, batch_token_counts, tracked_scalars
 
         cfg = self.cfg
         cuda = torch.cuda.is_available()
@@ -193,18 +192,27 @@ class HFRecipe:
                                      bias="none", task_type="CAUSAL_LM")
 
         self.timer = timer = StepTimer(self.output_dir, backend="hf")
+        step_clock = _metrics_callback(timer)
 
         class CountingSFTTrainer(SFTTrainer):
             def training_step(self, model, inputs, num_items_in_batch=None):
                 timer.add_batch(**batch_token_counts(inputs["input_ids"], inputs["labels"], inputs["attention_mask"]))
                 return super().training_step(model, inputs, num_items_in_batch)
 
+            def log(self, logs, *args, **kwargs):
+                # one metrics.jsonl record per logged training step; its tracked_scalars join the
+                # logs, so report_to's TensorBoard callback writes them as train/<name>
+                if "loss" in logs:
+                    rec = timer.end(self.state.global_step, logs["loss"], step_clock.lr)
+                    logs = {**logs, **tracked_scalars(rec)}
+                return super().log(logs, *args, **kwargs)
+
         self.args = SFTConfig(**training_arguments(cfg, self.output_dir, use_cpu=not cuda))
         self.trainer = CountingSFTTrainer(
             model=model, args=self.args, train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tok, data_collator=PadCollator(tok.pad_token_id), peft_config=peft_config,
-            callbacks=[_metrics_callback(timer)])
+            callbacks=[step_clock])
         token_mean_loss_over_the_global_batch(self.trainer)
 
     def train(self) -> Path:

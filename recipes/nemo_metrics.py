@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from benchmarks.metrics import METRICS_FILE, StepTimer
+from benchmarks.metrics import METRICS_FILE, StepTimer, tracked_scalars
 from recipes.fileio import write_text_atomic
 
 
@@ -38,7 +38,8 @@ class MetricsCallback(Callback):
     call per micro-batch; ``step.forward_only`` tells validation apart). On resume the records after
     the restored step are dropped and the file is appended to, so step numbers continue. A
     checkpoint save happens after a step's record is written, so its time lands in the next step's
-    ``step_time_s`` (the HF backend saves only at the end).
+    ``step_time_s`` (the HF backend saves only at the end). The same step's
+    :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``.
     """
 
     def __init__(self, output_dir: str):
@@ -67,7 +68,10 @@ class MetricsCallback(Callback):
         loss = trainer.callback_metrics.get("reduced_train_loss")
         if loss is None and isinstance(outputs, dict):
             loss = outputs.get("loss")
-        self.timer.end(trainer.global_step, None if loss is None else float(loss), self._lr)
+        rec = self.timer.end(trainer.global_step, None if loss is None else float(loss), self._lr)
+        metrics = {f"train/{k}": v for k, v in tracked_scalars(rec).items()}
+        for logger in trainer.loggers:  # NeMoLogger's (TensorBoard when tracking.tensorboard); rank 0 only
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.timer is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from recipes.config import ExperimentConfig, check_runs_on_cpu, LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from recipes.config import ExperimentConfig, check_runs_on_cpu, LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrackingConfig, TrainConfig
 from recipes.cpu_shim import is_cpu
 from recipes.nemo_import import default_nemo_path, family_of
 from recipes.nemo_metrics import MetricsCallback
@@ -171,18 +171,29 @@ def peft_config(method: str, lora: LoraConfig):
                       target_modules=list(lora.target_modules))
 
 
-def log_config(train: TrainConfig, output_dir: str | Path):
+def log_config(train: TrainConfig, output_dir: str | Path, tracking: TrackingConfig | None = None):
     """Checkpoints under ``<output_dir>/nemo/checkpoints``: every ``checkpoint_every_n_steps`` (0: at
-    the end only), keeping the newest two and a ``-last`` one that resume picks up."""
+    the end only), keeping the newest two and a ``-last`` one that resume picks up. With
+    ``tracking.tensorboard`` NeMo's logger gets Lightning's TensorBoardLogger writing to
+    ``<output_dir>/tb`` (the HF backend's directory too), where MetricsCallback logs the shared
+    per-step metrics beside NeMo's own (``reduced_train_loss``, ...)."""
     import nemo_run as run
+    from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
+
+    from benchmarks.metrics import TB_DIR
 
     every = train.checkpoint_every_n_steps or train.max_steps
     ckpt = run.Config(nl.ModelCheckpoint, every_n_train_steps=every, save_last="link", save_top_k=2,
                       monitor="step", mode="max", save_on_train_epoch_end=True,
                       save_optim_on_train_end=True, filename="{step}")
+    tracking = tracking or TrackingConfig()
+    tb = run.Config(TensorBoardLogger, save_dir=str(Path(output_dir).absolute() / TB_DIR), name="", version="",
+                    default_hp_metric=False) if tracking.tensorboard else None
+    # update_logger_directory=False: the TensorBoard dir is the one given, not moved under nemo/
     return run.Config(nl.NeMoLogger, log_dir=str(Path(output_dir).absolute()), name=CHECKPOINT_SUBDIR,
-                      use_datetime_version=False, ckpt=ckpt, tensorboard=None, wandb=None)
+                      use_datetime_version=False, ckpt=ckpt, tensorboard=tb, wandb=None,
+                      update_logger_directory=False)
 
 
 def resume_config(restore_path: str | Path):
@@ -205,7 +216,7 @@ def build_recipe(cfg: ExperimentConfig, output_dir: str | Path | None = None, ne
     out = Path(output_dir or cfg.output_dir)
     restore = Path(nemo_path) if nemo_path else default_nemo_path(cfg.model.hf_path)
     parts = dict(data=data_config(cfg, out, cpu), trainer=trainer_config(cfg, out, cpu),
-                 log=log_config(cfg.train, out), optim=optim_config(cfg.optim, cfg.train, cfg.parallel, cpu),
+                 log=log_config(cfg.train, out, cfg.tracking), optim=optim_config(cfg.optim, cfg.train, cfg.parallel, cpu),
                  peft=peft_config(cfg.method, cfg.lora), resume=resume_config(restore))
     if with_model:
         parts["model"] = model_config(cfg.model, cfg.train, cpu)

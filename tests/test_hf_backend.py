@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
+from tracking_checks import assert_tracked_like_metrics
 from recipes.config import load_config
 from recipes.finetune import main as finetune_main
 from recipes.hf_backend import PadCollator, hf_lora_targets, load_split, training_arguments
@@ -45,6 +46,7 @@ def test_tiny_run_loss_falls_and_writes_outputs(config, tiny_model_dir, tiny_dat
     assert last < first - 0.1, (first, last)  # a random model starts at ~ln(vocab)=6.9
     assert recs[0]["lr"] < recs[2]["lr"]        # linear warmup over the first 2 steps
     assert (out / "resolved_config.yaml").is_file()
+    assert_tracked_like_metrics(out, recs)
     if config == "tiny_lora":
         cfg = json.loads((out / "adapter/adapter_config.json").read_text())
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
@@ -99,6 +101,14 @@ def test_truncation_keeps_the_answer(tiny_model_dir):
     assert tok.decode(tp.input_ids[tp.prompt_tokens:-1]) == "最終稿です。"
 
 
+def test_tracking_off_writes_no_event_files(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "off"
+    rc = finetune_main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backend", "hf",
+                        *_overrides(tiny_model_dir, tiny_data_dir, out, "train.max_steps=2", "tracking.tensorboard=false")])
+    assert rc == 0 and len(read_metrics(out)) == 2
+    assert not (out / "tb").exists()
+
+
 def test_only_global_rank_zero_writes_metrics(tmp_path, monkeypatch):
     from benchmarks.metrics import StepTimer
     monkeypatch.setenv("RANK", "3")
@@ -113,3 +123,29 @@ def test_only_global_rank_zero_writes_metrics(tmp_path, monkeypatch):
     t.end(1, 1.0, 1e-3)
     t.close()
     assert len(read_metrics(tmp_path / "r0")) == 1
+
+
+def test_tracked_scalars_are_the_records_fields(tmp_path):
+    from benchmarks.metrics import TRACKED, StepRecord, tracked_scalars
+    rec = StepRecord(step=3, loss=2.5, lr=1e-3, step_time_s=0.5, tokens=100, tokens_padded=128, loss_tokens=40,
+                     samples=8, time_s=1.5, backend="hf")
+    got = tracked_scalars(rec)
+    assert set(got) == set(TRACKED)
+    assert got["tokens_per_s"] == 200.0 and got["loss"] == 2.5 and got["samples"] == 8.0
+    rec.cuda_max_allocated_bytes, rec.step_time_s, rec.loss = 2**30, 0.0, None
+    got = tracked_scalars(rec)  # no loss, no time: left out, not logged as 0; GPU peak when measured
+    assert "loss" not in got and "tokens_per_s" not in got and got["cuda_max_allocated_bytes"] == 2**30
+
+
+def test_read_tensorboard_reads_a_summary_writers_scalars(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.metrics import read_tensorboard
+    w = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    for step in (1, 2, 3):
+        w.add_scalar("train/loss", 1.0 / step, step)
+    w.close()
+    got = read_tensorboard(tmp_path / "tb")
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3] and abs(got["train/loss"][2][1] - 1 / 3) < 1e-6
+    with pytest.raises(FileNotFoundError, match="no TensorBoard"):
+        read_tensorboard(tmp_path / "missing")

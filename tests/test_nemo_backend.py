@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
+from tracking_checks import assert_tracked_like_metrics
 import families
 from convert import nemo_ckpt as nc
 from recipes import nemo_import as ni, nemo_metrics as nm, nemo_recipe as nr
@@ -427,6 +428,8 @@ def test_nemo_run_loss_falls_writes_metrics_and_checkpoint(config, tiny, importe
     first, last = _mean(losses[:3]), _mean(losses[-3:])
     assert last < first - (0.1 if config == "tiny_lora" else 0.5), (first, last)
     assert (out / "resolved_config.yaml").is_file() and (out / "nemo_recipe.txt").is_file()
+    tags = assert_tracked_like_metrics(out, recs)
+    assert "reduced_train_loss" in tags  # NeMo's own metrics, by NeMo's logger, in the same files
     assert ckpt == nr.last_checkpoint(out) and (ckpt / "weights").is_dir() and (ckpt / "context").is_dir()
     keys = nc.dist_checkpoint_keys(ckpt / "weights")
     model_keys = [k for k in keys if k.startswith("module.")]
