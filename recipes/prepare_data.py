@@ -55,6 +55,29 @@ def fidelity_report(pairs, where: str) -> dict:
     return {"pairs": n, "with_findings": len(rows), "rows": rows}
 
 
+def _file_fidelity(input_path) -> dict:
+    return fidelity_report(read_text_pairs(input_path), str(input_path))
+
+
+def _start_file_fidelity(input_path):
+    """The fidelity report of a raw file, computed in a forked worker process while this one prepares
+    the data (the check is pure Python, the tokenizer's batch calls are Rust, so on two or more cores
+    the report costs no wall time); a future. In this process where fork is not available."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    if "fork" not in multiprocessing.get_all_start_methods() or (os.cpu_count() or 1) < 2:
+        f = concurrent.futures.Future()
+        try:
+            f.set_result(_file_fidelity(input_path))
+        except Exception as e:  # raised on result(), after prepare's own errors, as from the worker
+            f.set_exception(e)
+        return f, None
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    return pool.submit(_file_fidelity, input_path), pool
+
+
 def report_fidelity(report: dict, output_dir, show: int = 5) -> None:
     """Print the pairs with findings (a warning: they are kept) and write ``fidelity.json`` beside the data."""
     from pathlib import Path
@@ -97,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             from review_app.store import TABLE, export_rows
             fidelity = fidelity_report(export_rows(args.from_db), f"{source} table {TABLE} id")
         else:
-            stats = prepare(args.input, args.output, args.tokenizer, **options)
-            fidelity = fidelity_report(read_text_pairs(args.input), args.input)
+            pending, pool = _start_file_fidelity(args.input)  # before the tokenizer loads: a light fork
+            try:
+                stats = prepare(args.input, args.output, args.tokenizer, **options)
+                fidelity = pending.result()
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
     except DataError as e:
         print(f"error: {source}: {len(e.errors)} problem(s), nothing written:", file=sys.stderr)
         for line in e.errors:

@@ -75,3 +75,36 @@ def test_prep_speed_command_reports_the_ratio_and_can_fail(tmp_path, tiny_model_
     assert main(["--pairs", "300", "--tokenizer", str(tiny_model_dir), "--workdir", str(tmp_path / "w2"),
                  "--max-ratio", "0.001"]) == 1
     assert "FAIL" in capsys.readouterr().err
+
+
+def test_prep_speed_times_the_whole_command_with_its_fidelity_report(tmp_path, tiny_model_dir):
+    from benchmarks.prep_speed import measure
+    r = measure(300, tiny_model_dir, tmp_path / "w", command=True)
+    assert r["measured"] == "python -m recipes.prepare_data" and r["rows_written"] == 300 and r["ratio"] > 0
+    report = json.loads((tmp_path / "w" / "prepared" / "fidelity.json").read_text(encoding="utf-8"))
+    assert report["pairs"] == 300
+
+
+def test_fidelity_report_in_a_worker_equals_the_one_in_process(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import multiprocessing
+
+    from benchmarks.prep_speed import build_pairs
+    from recipes import prepare_data
+    src = build_pairs(300, tmp_path / "pairs.jsonl")
+    rows = src.read_text(encoding="utf-8").splitlines()
+    first = json.loads(rows[0])
+    rows[0] = json.dumps({**first, "final": first["final"].replace("%", "ポイント", 1)}, ensure_ascii=False)
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    args = ["--input", str(src), "--tokenizer", str(tiny_model_dir)]
+    assert prepare_data.main(args + ["--output", str(tmp_path / "forked")]) == 0
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # no fork: in this process
+    assert prepare_data.main(args + ["--output", str(tmp_path / "here")]) == 0
+    a, b = ((tmp_path / d / "fidelity.json").read_text(encoding="utf-8") for d in ("forked", "here"))
+    assert a == b and json.loads(a)["pairs"] == 300 and json.loads(a)["with_findings"] >= 1
+    bad = tmp_path / "bad.jsonl"  # prepare's own error wins, and no worker is left behind
+    bad.write_text(rows[1] + "\n" + json.dumps({**first, "final": ""}, ensure_ascii=False) + "\n", encoding="utf-8")
+    monkeypatch.undo()
+    assert prepare_data.main(["--input", str(bad), "--tokenizer", str(tiny_model_dir),
+                              "--output", str(tmp_path / "bad")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert not multiprocessing.active_children()
