@@ -160,13 +160,23 @@ def safe_url(url: str) -> str:
 
 def sqlite_path(url: str) -> Path | None:
     """The file of a file-backed SQLite URL; None for other databases, in-memory SQLite and
-    URLs that do not parse (opening those reports the problem)."""
+    URLs that do not parse (opening those reports the problem). SQLite URI filenames
+    (``sqlite:///file:runs/review.db?mode=ro&uri=true``) name the file in the URI's path."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
     try:
         u = make_url(url)
     except ArgumentError:
         return None
     if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
         return None
+    if str(u.query.get("uri", "")).lower() in ("true", "1") and u.database.startswith("file:"):
+        parts = urlsplit(u.database)
+        path = unquote(parts.path)
+        mode = u.query.get("mode") or (parse_qs(parts.query).get("mode") or [None])[0]
+        if path in ("", ":memory:") or mode == "memory":  # the URL's query goes into the URI (pysqlite)
+            return None
+        return Path(path)
     return Path(u.database)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, event, insert, text, update
@@ -131,6 +132,21 @@ def test_safe_url_hides_passwords():
     assert "s3cr" not in shown and "***" in shown and "myorg-acct/FUNDS/REVIEWS" in shown
     assert safe_url("not a url with password hunter2") == "<not a database URL>"
     assert sqlite_path(u) is None and sqlite_path("sqlite://") is None
+
+
+def test_sqlite_uri_filenames_name_their_file(tmp_path):
+    db = tmp_path / "my reviews.db"
+    ReviewStore(f"sqlite:///{db}").engine.dispose()  # a store with its tables
+    uri = f"sqlite:///file:{str(db).replace(' ', '%20')}?mode=ro&uri=true"
+    assert sqlite_path(uri) == db
+    assert sqlite_path(f"sqlite:///file:{db}") == Path(f"file:{db}")  # without uri=true: a plain file name
+    assert sqlite_path("sqlite:///file::memory:?cache=shared&uri=true") is None
+    assert sqlite_path("sqlite:///file:mem1?mode=memory&cache=shared&uri=true") is None
+    store = ReviewStore(uri, create=False)  # opens the existing file read-only instead of refusing it
+    assert store.check_version() == SCHEMA_VERSION and list(export_rows(uri)) == []
+    store.engine.dispose()
+    with pytest.raises(StoreError, match="no such database file"):
+        ReviewStore(f"sqlite:///file:{tmp_path / 'missing.db'}?mode=ro&uri=true", create=False)
 
 
 # ---------------------------------------------------------------------------------------------
