@@ -109,6 +109,7 @@ class PieceWriter:
 
     def __init__(self, path: str | Path):
         self.name = str(path)
+        self._fd = -1  # so close() / __del__ work when the open fails
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pos = 0
 

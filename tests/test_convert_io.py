@@ -47,6 +47,19 @@ def test_piece_writer_writes_every_byte_in_bounded_pieces(tmp_path, monkeypatch)
     assert sizes == [4, 1000, 1000, 600]
 
 
+def test_piece_writer_open_error_is_plain(tmp_path, monkeypatch):
+    import gc
+    import sys
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)  # an error raised in __del__ lands here
+    with pytest.raises(FileNotFoundError) as err:
+        PieceWriter(tmp_path / "no-such-dir" / "f")
+    del err
+    gc.collect()
+    assert seen == []
+
+
 def test_piece_writer_handles_short_writes(tmp_path, monkeypatch):
     real_write = os.write
     monkeypatch.setattr(fileio.os, "write", lambda fd, data: real_write(fd, data[:7]))  # the kernel may write less
