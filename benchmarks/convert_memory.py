@@ -202,11 +202,10 @@ def gated_args(tool: str, argv: list[str]) -> list[str]:
             "sys.stderr.flush()\nsys.stdin.readline()\n" + work]
 
 
-def run_child(args: list[str], gate=None) -> dict:
-    """Run ``python ARGS`` in the repo; returns rc, wall seconds, peak RSS bytes and its last JSON line.
-
-    With ``gate`` the child is a :func:`gated_args` one: once it is ready ``gate()`` runs, then the
-    child goes on; ``wall_s`` counts from then, and ``baseline_rss_bytes`` is its peak when ready."""
+def run_child(args: list[str], gate) -> dict:
+    """Run ``python ARGS`` (a :func:`gated_args` child) in the repo: once it is ready ``gate()`` runs,
+    then the child goes on. Returns rc, wall seconds from then, peak RSS bytes, its peak when ready
+    (``baseline_rss_bytes``, missing when it never got ready) and its last JSON line."""
     import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "CUDA_VISIBLE_DEVICES": "",
@@ -217,17 +216,14 @@ def run_child(args: list[str], gate=None) -> dict:
         p = subprocess.Popen([sys.executable, "-c", wrapper, *args], cwd=ROOT, env=env, text=True,
                              stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE)
         err = []
-        t = time.perf_counter()
-        if gate is not None:
-            for line in p.stderr:
-                err.append(line)
-                if line.startswith(_READY):
-                    res["baseline_rss_bytes"] = int(line[len(_READY):])
-                    break
-            if "baseline_rss_bytes" in res:
+        for line in p.stderr:
+            err.append(line)
+            if line.startswith(_READY):
+                res["baseline_rss_bytes"] = int(line[len(_READY):])
                 gate()
-                t = time.perf_counter()
                 p.stdin.write("go\n")
+                break
+        t = time.perf_counter()
         p.stdin.close()
         err.append(p.stderr.read())
         p.wait()
@@ -241,7 +237,7 @@ def run_child(args: list[str], gate=None) -> dict:
     m = json.loads(marks[-1][len(_MARK):])
     report = next((json.loads(ln) for ln in reversed(stdout.splitlines()) if ln.startswith("{")), None)
     res.update({"rc": m["rc"], "wall_s": round(wall, 3), "peak_rss_bytes": m["peak"], "report": report})
-    if m["rc"] != 0 or (gate is not None and "baseline_rss_bytes" not in res):
+    if m["rc"] != 0 or "baseline_rss_bytes" not in res:
         res["stderr_tail"] = stderr[-2000:]
     return res
 

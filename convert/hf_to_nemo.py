@@ -34,7 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import contextlib
 import json
-import mmap
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import torch
 import families
 from convert import run_json_command
 from families.spec import AttentionShape, ModelFamily, ParamMapping, UnsupportedModelError, dtype_kwargs
-from convert.nemo_ckpt import DistCheckpointWriter
+from convert.nemo_ckpt import DistCheckpointWriter, mapped_bytes
 from recipes.fileio import atomic_dir, keep_freed_memory
 
 CONVERSION_INFO = "conversion.json"
@@ -170,12 +169,10 @@ class SafetensorsReader:
             raise ConversionError(f"{self.dir}: missing tensor {name!r}")
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        base = e.start - e.start % mmap.ALLOCATIONGRANULARITY
         with open(e.file, "rb") as f:
             if os.fstat(f.fileno()).st_size < e.start + e.nbytes:
                 raise ConversionError(f"{e.file}: truncated — tensor {name!r} needs bytes up to {e.start + e.nbytes}")
-            m = mmap.mmap(f.fileno(), e.start + e.nbytes - base, offset=base, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(m, dtype=torch.uint8, count=e.nbytes, offset=e.start - base).view(e.dtype).reshape(e.shape)
+            return mapped_bytes(f, e.start, e.nbytes).view(e.dtype).reshape(e.shape)
 
 
 # ---------------------------------------------------------------------------------------------

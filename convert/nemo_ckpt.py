@@ -136,21 +136,25 @@ def record_data(f, offset: int, length: int) -> tuple[int, torch.Tensor] | None:
     return start, meta
 
 
+def mapped_bytes(f, start: int, nbytes: int) -> torch.Tensor:
+    """Bytes ``[start, start + nbytes)`` of the open file ``f`` as a uint8 tensor viewing its own
+    copy-on-write mapping (unmapped when the last view is dropped; writes never reach the file)."""
+    import mmap
+
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    m = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start - base)
+
+
 def mapped_record(f, offset: int, length: int) -> torch.Tensor | None:
     """The tensor ``torch.save``'d at bytes ``[offset, offset + length)`` of the open file ``f`` as a
     view of a copy-on-write mapping of its data bytes (checked by :func:`record_data`), or None.
     Written out, a mapped tensor's bytes go from the page cache to the output file with one copy."""
-    import mmap
-
     found = record_data(f, offset, length)
     if found is None:
         return None
     start, meta = found
-    nbytes = meta.numel() * meta.element_size()
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    m = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
-    t = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start - base)
-    return t.view(meta.dtype).reshape(meta.shape)
+    return mapped_bytes(f, start, meta.numel() * meta.element_size()).view(meta.dtype).reshape(meta.shape)
 
 
 def dist_checkpoint_keys(weights_dir: str | Path) -> list[str]:

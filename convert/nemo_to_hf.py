@@ -54,6 +54,7 @@ from recipes.fileio import PieceWriter, atomic_dir, keep_freed_memory
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+PADDED_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # megatron pads their vocab rows
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -129,7 +130,7 @@ def plan_tensors(ckpt: NemoCheckpoint, fam: ModelFamily, cfg: dict, vocab: int) 
                 raise ExportError(f"{ckpt.weights_dir}: tensor {row.dist_key!r} has {shape[0]} layers, model.yaml "
                                   f"num_layers is {n_layers}")
             shape = shape[1:]
-        if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if row.dist_key in PADDED_ROWS:
             if shape[0] < vocab:
                 raise ExportError(f"{ckpt.weights_dir}: {row.dist_key} has {shape[0]} rows, fewer than the "
                                   f"vocab size {vocab}")
@@ -353,7 +354,7 @@ def _file_slices(ckpt: NemoCheckpoint, row, layer, attn: AttentionShape, vocab: 
     root = torch.empty(tuple(shape[1:]) if layer is not None else tuple(shape), dtype=dtype, device="meta")
     if root.dim() == 0 or root.numel() == 0:
         return None
-    src = root[:vocab] if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight") else root
+    src = root[:vocab] if row.dist_key in PADDED_ROWS else root
     row_elems = root[0].numel()
     found = []
     for o, want in zip(row.to_hf(src, attn), outs):
@@ -370,22 +371,22 @@ def _file_slices(ckpt: NemoCheckpoint, row, layer, attn: AttentionShape, vocab: 
 
 
 def _prepared(entries: list[tuple], ckpt: NemoCheckpoint, attn: AttentionShape, vocab: int, budget: int,
-              prefetch: bool = True, direct: bool = True):
-    """Yields ``(outs, tensors)`` per plan entry: the HF tensors of one Megatron tensor, contiguous,
-    ready to write. Chunks are mapped from the ``.distcp`` file (``load_layer(mapped=True)``), so a
-    tensor that needs no reordering goes from the page cache to its shard with one copy; q/k/v are
-    split into fresh memory. With ``prefetch`` the next entry is mapped and split on
+              prefetch: bool = True):
+    """Yields ``(outs, data)`` per plan entry, one item per HF tensor of one Megatron tensor: its
+    ``(file, offset)`` when :func:`_file_slices` finds it as whole rows of one record (copied file to
+    file), else the tensors, mapped from the ``.distcp`` file (``load_layer(mapped=True)``), split
+    and contiguous. With ``prefetch`` the next entry is prepared on
     one worker thread while the caller writes the current one, when both entries, read and split
     (twice their bytes), fit in ``budget`` (the output shard size: the memory benchmark's bound allows
     one shard plus one layer); otherwise it is read after the write, as without prefetch."""
     def load(i: int) -> list:
         row, layer, outs = entries[i]
-        located = _file_slices(ckpt, row, layer, attn, vocab, outs) if direct else None
+        located = _file_slices(ckpt, row, layer, attn, vocab, outs)
         if located is not None:
             return located
         tensor = ckpt.load_layer(row.dist_key, layer, mapped=True)
-        if row.dist_key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            tensor = tensor[:vocab]  # megatron's padding rows
+        if row.dist_key in PADDED_ROWS:
+            tensor = tensor[:vocab]
         return [d.contiguous() for d in row.to_hf(tensor, attn)]
 
     size = [sum(t.nbytes for t in outs) for _, _, outs in entries]
