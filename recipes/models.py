@@ -34,6 +34,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import families
 from recipes.fileio import _check_target, atomic_dir, iter_jsonl
@@ -238,9 +239,12 @@ def _set_special_ids(model, tokenizer) -> dict[str, int]:
 def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                ffn: int = 176, vocab: int = 1000, tie_embeddings: bool = True, seed: int = 0,
                max_position_embeddings: int = 2048, family: str = families.DEFAULT_FAMILY,
-               overwrite: bool = False) -> Path:
+               embedding_rows: Optional[int] = None, overwrite: bool = False) -> Path:
     """Build a random-init decoder of ``family`` (default Llama) with a locally trained tokenizer into
-    ``output_dir``; returns it."""
+    ``output_dir``; returns it. ``embedding_rows`` (>= ``vocab``) gives the embedding and LM head more
+    rows than the tokenizer has tokens, as real checkpoints pad theirs: the GPU smoke test's 8B shape
+    keeps Llama 3.1's 128,256-row LM head (a large share of an 8B step) with a tokenizer the local
+    corpus can train."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -256,12 +260,14 @@ def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, hea
         raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads} (GQA groups)")
     if (hidden // heads) % 2:
         raise ValueError(f"head_dim={hidden // heads} must be even for rotary embeddings")
+    if embedding_rows is not None and embedding_rows < vocab:
+        raise ValueError(f"embedding_rows={embedding_rows} < vocab={vocab}: every token needs a row")
 
     t0 = time.perf_counter()
     tokenizer = train_tiny_tokenizer(vocab, model_max_length=max_position_embeddings)
     t_tok = time.perf_counter() - t0
     config = AutoConfig.for_model(
-        fam.model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        fam.model_type, vocab_size=embedding_rows or len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         max_position_embeddings=max_position_embeddings, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=tie_embeddings, torch_dtype="float32", **fam.tiny_hf_overrides)
@@ -274,7 +280,8 @@ def build_tiny(output_dir: str | Path, *, layers: int = 2, hidden: int = 64, hea
                 module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
     ids = _set_special_ids(model, tokenizer)
     info = {"preset": "tiny", "family": fam.name, "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
-            "kv_heads": kv_heads, "ffn": ffn, "vocab": len(tokenizer), "tie_embeddings": tie_embeddings,
+            "kv_heads": kv_heads, "ffn": ffn, "vocab": len(tokenizer), "embedding_rows": config.vocab_size,
+            "tie_embeddings": tie_embeddings,
             "max_position_embeddings": max_position_embeddings, **ids,
             "tokenizer_corpus_has_demo_pairs": DEMO_PAIRS.is_file(),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -426,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA groups)")
     tiny.add_argument("--ffn", type=int, default=176, help="MLP intermediate size")
     tiny.add_argument("--vocab", type=int, default=1000, help="tokenizer (and embedding) size")
+    tiny.add_argument("--embedding-rows", type=int, default=None,
+                      help="embedding / LM head rows if more than --vocab (config.json vocab_size), e.g. 128256")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--max-position-embeddings", type=int, default=2048)
     tiny.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
@@ -438,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             out = build_tiny(args.output, layers=args.layers, hidden=args.hidden, heads=args.heads,
                              kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab, tie_embeddings=args.tie,
                              seed=args.seed, max_position_embeddings=args.max_position_embeddings,
-                             family=args.family, overwrite=args.overwrite)
+                             family=args.family, embedding_rows=args.embedding_rows, overwrite=args.overwrite)
     except (ValueError, FileExistsError, ModelBuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

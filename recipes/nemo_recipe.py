@@ -66,6 +66,11 @@ def model_config(model: ModelConfig, train: TrainConfig, cpu: bool):
                   bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
                   cross_entropy_loss_fusion=False, use_cpu_initialization=True,
                   params_dtype=torch.float32, bf16=False, fp16=False)
+    else:  # a CUDA host without Transformer Engine / Apex (the offline smoke bundle) lacks some kernels
+        from recipes.nemo_kernels import missing_gpu_kernels
+        for name, why in missing_gpu_kernels().items():
+            print(f"nemo: {name}=False on this host: {why}", flush=True)
+            kw[name] = False
     return run.Config(fam.nemo_class(), config=run.Config(fam.nemo_class(cls_name), **kw))
 
 

@@ -91,7 +91,21 @@ def test_tiny_odd_sizes_untied(tmp_path):
     assert model(**ids).logits.shape == (1, ids["input_ids"].shape[1], 777)
 
 
+def test_tiny_embedding_rows_beyond_the_tokenizer(tmp_path):
+    """--embedding-rows pads the embedding / LM head past the tokenizer (the smoke test's 128,256 rows)."""
+    out = models.build_tiny(tmp_path / "wide", vocab=777, embedding_rows=1024, tie_embeddings=False)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(tok) == 777 and model.config.vocab_size == 1024
+    assert model.lm_head.weight.shape == (1024, 64) and model.model.embed_tokens.weight.shape == (1024, 64)
+    ids = tok("当月の市場", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == 1024
+    info = json.loads((out / models.BUILD_INFO).read_text())
+    assert (info["vocab"], info["embedding_rows"]) == (777, 1024)
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"vocab": 777, "embedding_rows": 700}, "every token needs a row"),
     ({"hidden": 50, "heads": 4}, "not divisible by heads"),
     ({"heads": 4, "kv_heads": 3}, "kv_heads"),
     ({"hidden": 36, "heads": 4}, "even"),

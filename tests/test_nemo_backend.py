@@ -7,6 +7,7 @@ megatron parallel state and the CPU shim are process-wide): HF->NeMo import with
 HF, the skipped-norm importer bug caught, LoRA and SFT runs with falling loss, checkpoint reload,
 and a killed run resumed from its checkpoint.
 """
+import dataclasses
 import json
 import math
 import os
@@ -201,6 +202,28 @@ def test_model_config_mirrors_hf_config_and_turns_fusions_off_on_cpu(tiny):
     assert not any([m.apply_rope_fusion, m.masked_softmax_fusion, m.bias_activation_fusion,
                     m.gradient_accumulation_fusion, m.bf16])
 
+
+
+def test_gpu_model_config_turns_off_only_the_kernels_this_host_lacks(tiny, capsys):
+    """A CUDA host without Transformer Engine / Apex (the offline bundle's target): megatron-core 0.10 would
+    stop on apply_rope_fusion, persist_layer_norm, masked_softmax_fusion, gradient_accumulation_fusion."""
+    from recipes.nemo_kernels import missing_gpu_kernels
+    everything = {"transformer_engine", "apex", "scaled_upper_triang_masked_softmax_cuda",
+                  "fused_weight_gradient_mlp_cuda"}
+    assert missing_gpu_kernels(have=everything.__contains__, fused_rope=lambda: True) == {}  # nemo:24.12
+    assert set(missing_gpu_kernels(have=lambda m: m == "transformer_engine", fused_rope=lambda: True)) == {
+        "gradient_accumulation_fusion"}  # TE without Apex: TE's spec needs neither norm nor softmax kernels
+    bare = missing_gpu_kernels()  # this CPU venv has neither TE nor Apex
+    assert set(bare) == {"apply_rope_fusion", "persist_layer_norm", "masked_softmax_fusion",
+                         "gradient_accumulation_fusion"}
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", [f"model.hf_path={tiny['model']}"])
+    m = nr.model_config(cfg.model, cfg.train, cpu=False).config
+    fields = {f.name for f in dataclasses.fields(m.__fn_or_cls__)}  # m: a run.Config of NeMo's config class
+    assert set(bare) <= fields  # the names are NeMo's: a rename upstream fails here
+    assert not any(getattr(m, k) for k in bare)
+    assert m.bias_activation_fusion and m.bias_dropout_fusion  # torch.jit kernels stay on
+    out = capsys.readouterr().out
+    assert all(f"nemo: {k}=False on this host" in out for k in bare)
 
 def test_bad_settings_give_errors_naming_the_key_or_file(tmp_path):
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml")
