@@ -111,11 +111,25 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
 
 
+# MLflow tracking URIs the client in this environment (mlflow-skinny) can write to; a sqlite: or other
+# database store needs the full mlflow package: run `mlflow server` on it and give its http:// address.
+MLFLOW_SCHEMES = ("http", "https", "file")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     # TensorBoard event files under <output_dir>/tb, written by each backend's own logger (NeMo's
     # NeMoLogger with Lightning's TensorBoardLogger; HF's report_to="tensorboard").
     tensorboard: bool = True
+    # MLflow tracking URI (off when null): http(s)://HOST:PORT of an MLflow server, or file:PATH for a local
+    # store (file:./mlruns, file:///abs/mlruns; the client's file store is in maintenance mode, so
+    # benchmarks.tracking sets MLFLOW_ALLOW_FILE_STORE=true for it). NeMo: Lightning's MLFlowLogger
+    # through NeMoLogger; HF: transformers' MLflowCallback. Same train/<name> metrics as TensorBoard.
+    mlflow: Optional[str] = None
+    # MLflow experiment (default: the config's name) and run name (default: <backend>-<method>-<UTC time>,
+    # e.g. nemo-lora-20250101T120000Z).
+    experiment: Optional[str] = None
+    run_name: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +305,15 @@ def _check(obj, prefix: str, where: str) -> None:
             raise ConfigError(f"{where}: {prefix}family: must be one of {families.names()}, got {obj.family!r}")
     elif isinstance(obj, DataConfig):
         _positive(obj, ["test_months", "val_months"], prefix, where)
+    elif isinstance(obj, TrackingConfig):
+        if obj.mlflow is not None:
+            scheme = obj.mlflow.split(":", 1)[0].lower() if ":" in obj.mlflow else ""
+            if scheme not in MLFLOW_SCHEMES or obj.mlflow.rstrip("/").lower() == f"{scheme}:":
+                hint = (" (a sqlite: store needs the full mlflow package: serve it with `mlflow server "
+                        "--backend-store-uri sqlite:///...` and give its http:// address)" if scheme == "sqlite"
+                        else " (a local directory is file:PATH, e.g. file:./mlruns)" if scheme == "" else "")
+                raise ConfigError(f"{where}: {prefix}mlflow: expected an MLflow tracking URI with scheme "
+                                  f"{'/'.join(s + ':' for s in MLFLOW_SCHEMES)}, got {obj.mlflow!r}{hint}")
     elif isinstance(obj, ParallelConfig):
         _positive(obj, ["tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                         "num_nodes"], prefix, where)

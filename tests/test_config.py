@@ -48,6 +48,9 @@ data: {dataset_dir: d}
     ("", "optim.min_lr=1.0", "optim.min_lr"),                             # above lr
     ("", "train.global_batch_size=6", "train.global_batch_size"),        # not divisible by micro batch 4
     ("", "train.activation_checkpointing=1", "train.activation_checkpointing"),
+    ("", "tracking.mlflow=sqlite:///mlflow.db", "tracking.mlflow"),        # needs the full mlflow (a server)
+    ("", "tracking.mlflow=./mlruns", "tracking.mlflow"),                  # a path is file:PATH
+    ("tracking: {mlflow: mlruns, run_name: r}\n", None, "tracking.mlflow"),
 ])
 def test_invalid_values_name_the_key(tmp_path, extra, override, key):
     p = _write(tmp_path, BASE + extra + "train: {micro_batch_size: 4, global_batch_size: 8}\n")
