@@ -7,13 +7,15 @@ PY     := $(VENV)/bin/python
 # the local OpenAI-compatible server (vLLM CPU build) lives in its own venv: it pins newer transformers
 SERVE_VENV ?= .venv-serve
 SERVE_PY   := $(SERVE_VENV)/bin/python
+# the MLflow tracking server the tests start (full mlflow; the training venv has only the client, mlflow-skinny)
+MLFLOW_VENV ?= .venv-mlflow
 # torch first, so nothing else pulls a CUDA build: on these CPU machines pip finds the 2.13.0 CPU
 # wheel on disk. In the nemo:24.12 container use Dockerfile.nemo instead (it keeps the container's torch).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install serve-install browser demo test test-fast clean help
+.PHONY: install serve-install mlflow-install browser demo test test-fast clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
@@ -43,6 +45,14 @@ $(SERVE_VENV)/.installed: requirements/serve.txt requirements/serve-constraints.
 
 serve-install: $(SERVE_VENV)/.installed
 
+$(MLFLOW_VENV)/.installed: requirements/mlflow-server.txt requirements/mlflow-server-constraints.txt
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade "pip>=23.2"
+	$(MLFLOW_VENV)/bin/python -m pip install -q -c requirements/mlflow-server-constraints.txt -r requirements/mlflow-server.txt
+	touch $@
+
+mlflow-install: $(MLFLOW_VENV)/.installed
+
 # headless Chromium (Debian) + a Japanese font for the review app's screenshot; needs root or sudo
 browser:
 	@{ command -v chromium && fc-list :lang=ja | grep -q .; } >/dev/null 2>&1 || { \
@@ -52,7 +62,7 @@ browser:
 demo: install serve-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
 
-test: install serve-install browser
+test: install serve-install mlflow-install browser
 	FUNDCOMMENT_REQUIRE_SERVER=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install

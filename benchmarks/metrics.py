@@ -7,6 +7,8 @@ line by the benchmark and the report. Fields (units in the name):
     step          optimizer step, 1-based
     loss          training loss of the step (mean over its tokens)
     lr            learning rate used in the step
+    grad_norm     total L2 norm of the step's gradients before clipping (HF: the Trainer's grad_norm; NeMo:
+                  what Megatron's optimizer step returns, logged by NeMo as grad_norm); null when not reported
     step_time_s   wall time from the end of the previous step to the end of this one (the first step:
                   from its start), so data loading and logging count, as a user sees throughput;
                   on CUDA the device is synchronised before the clock is read
@@ -36,7 +38,8 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"  # TensorBoard event files of a run: <output_dir>/tb (recipes.config.TrackingConfig)
 # What every backend sends to its tracker per optimizer step (TensorBoard tag "train/<name>"), from
 # the same StepRecord as metrics.jsonl, so two runs overlay tag for tag: tracked_scalars().
-TRACKED = ("loss", "lr", "step_time_s", "tokens_per_s", "tokens", "loss_tokens", "samples")
+# MLflow gets the same names (benchmarks.tracking).
+TRACKED = ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tokens", "loss_tokens", "samples")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class StepRecord:
     time_s: float
     backend: str
     mono_s: Optional[float] = None
+    grad_norm: Optional[float] = None
     cuda_max_allocated_bytes: Optional[int] = None
     cuda_max_reserved_bytes: Optional[int] = None
 
@@ -124,14 +128,16 @@ class StepTimer:
         self.loss_tokens += int(loss_tokens)
         self.samples += int(samples)
 
-    def end(self, step: int, loss: Optional[float], lr: Optional[float]) -> StepRecord:
+    def end(self, step: int, loss: Optional[float], lr: Optional[float],
+            grad_norm: Optional[float] = None) -> StepRecord:
         _sync()
         now = time.perf_counter()
         rec = StepRecord(step=int(step), loss=None if loss is None else float(loss),
                          lr=None if lr is None else float(lr),
                          step_time_s=now - (self._t_prev if self._t_prev is not None else now),
                          tokens=self.tokens, tokens_padded=self.tokens_padded, loss_tokens=self.loss_tokens,
-                         samples=self.samples, time_s=now - self._t_run, backend=self.backend, mono_s=now)
+                         samples=self.samples, time_s=now - self._t_run, backend=self.backend, mono_s=now,
+                         grad_norm=None if grad_norm is None else float(grad_norm))
         rec.cuda_max_allocated_bytes, rec.cuda_max_reserved_bytes = _cuda_peak_memory()  # after the clock
         self.write(rec)
         self._t_prev = now
@@ -153,7 +159,7 @@ class StepTimer:
 def tracked_scalars(rec: StepRecord) -> dict[str, float]:
     """The :data:`TRACKED` values of one step (``tokens_per_s``: real tokens over the step time; the
     CUDA peaks when measured, as ``cuda_max_allocated_bytes``/``cuda_max_reserved_bytes``)."""
-    out = {"loss": rec.loss, "lr": rec.lr, "step_time_s": rec.step_time_s,
+    out = {"loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm, "step_time_s": rec.step_time_s,
            "tokens_per_s": rec.tokens / rec.step_time_s if rec.step_time_s > 0 else None,
            "tokens": rec.tokens, "loss_tokens": rec.loss_tokens, "samples": rec.samples,
            "cuda_max_allocated_bytes": rec.cuda_max_allocated_bytes,

@@ -149,6 +149,44 @@ def _metrics_callback(timer):
     return MetricsCallback()
 
 
+def _mlflow_callback(cfg: ExperimentConfig, output_dir: Path, mlflow: dict):
+    """transformers' MLflowCallback (what ``report_to="mlflow"`` adds) for ``tracking.mlflow``, with the
+    TensorBoard callback's metric names (``train/<name>``, transformers' own ``rewrite_logs``) so both
+    trackers and both backends name a metric alike. Its set-up reads the URI and experiment from
+    MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (set for the call) and the run name from
+    ``TrainingArguments.run_name``; it logs the TrainingArguments and model config as parameters, this adds
+    the resolved config as ``section.key`` parameters and writes ``mlflow_run.json``."""
+    from transformers.integrations import MLflowCallback
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    from benchmarks import tracking
+
+    class TrackedMLflowCallback(MLflowCallback):
+        def setup(self, args, state, model):
+            env = {tracking.URI_ENV: mlflow["uri"], "MLFLOW_EXPERIMENT_NAME": mlflow["experiment"]}
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                self._ml_flow.set_tracking_uri(mlflow["uri"])  # an earlier run in this process may have set another
+                super().setup(args, state, model)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            if state.is_world_process_zero:
+                run = self._ml_flow.active_run()
+                self._ml_flow.log_params(tracking.config_params(cfg.to_dict()))
+                tracking.write_run_file(output_dir, mlflow["uri"], mlflow["experiment"], run.info.experiment_id,
+                                        run.info.run_id, run.info.run_name)
+
+        def on_log(self, args, state, control, logs, model=None, **kwargs):
+            super().on_log(args, state, control, rewrite_logs(logs), model=model, **kwargs)
+
+    return TrackedMLflowCallback()
+
+
 class HFRecipe:
     """LoRA or full SFT of an HF causal LM with TRL, from an ExperimentConfig."""
 
@@ -201,18 +239,25 @@ class HFRecipe:
 
             def log(self, logs, *args, **kwargs):
                 # one metrics.jsonl record per logged training step; its tracked_scalars join the
-                # logs, so report_to's TensorBoard callback writes them as train/<name>
+                # logs, so report_to's TensorBoard callback (and the MLflow one) write them as train/<name>
                 if "loss" in logs:
-                    rec = timer.end(self.state.global_step, logs["loss"], step_clock.lr)
+                    rec = timer.end(self.state.global_step, logs["loss"], step_clock.lr, logs.get("grad_norm"))
                     logs = {**logs, **tracked_scalars(rec)}
                 return super().log(logs, *args, **kwargs)
 
-        self.args = SFTConfig(**training_arguments(cfg, self.output_dir, use_cpu=not cuda))
+        from benchmarks import tracking
+        callbacks = [step_clock]
+        mlflow = tracking.settings(cfg.tracking, cfg.name, cfg.method, "hf")
+        targs = training_arguments(cfg, self.output_dir, use_cpu=not cuda)
+        if mlflow:
+            targs["run_name"] = mlflow["run_name"]
+            callbacks.append(_mlflow_callback(cfg, self.output_dir.absolute(), mlflow))
+        self.args = SFTConfig(**targs)
         self.trainer = CountingSFTTrainer(
             model=model, args=self.args, train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tok, data_collator=PadCollator(tok.pad_token_id), peft_config=peft_config,
-            callbacks=[step_clock])
+            callbacks=callbacks)
         token_mean_loss_over_the_global_batch(self.trainer)
 
     def train(self) -> Path:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import MLFlowLogger
 
 from benchmarks.metrics import METRICS_FILE, StepTimer, tracked_scalars
 from recipes.fileio import write_text_atomic
@@ -29,6 +30,15 @@ def micro_batch_counts(tokens, loss_mask) -> dict[str, int]:
             "loss_tokens": int(lm.sum()), "samples": int(b)}
 
 
+class IntStepMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger with integer steps. NeMo logs its own ``step`` metric (MegatronStrategy's
+    ``self.log("step", global_step)``), which Lightning's logger connector pops and passes on as the step: a
+    float, which the MLflow client refuses ("'float' object cannot be interpreted as an integer")."""
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, None if step is None else int(step))
+
+
 class MetricsCallback(Callback):
     """Writes ``metrics.jsonl`` (benchmarks.metrics.StepTimer, backend "nemo"): one record per optimizer
     step with the global step after it, reduced_train_loss, the lr the step used and token counts.
@@ -39,7 +49,12 @@ class MetricsCallback(Callback):
     the restored step are dropped and the file is appended to, so step numbers continue. A
     checkpoint save happens after a step's record is written, so its time lands in the next step's
     ``step_time_s`` (the HF backend saves only at the end). The same step's
-    :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``.
+    :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``; the grad
+    norm is the ``grad_norm`` NeMo's MegatronStrategy logs from the optimizer step's return value.
+
+    An MLflow logger among them (``tracking.mlflow``) gets the resolved config (``resolved_config.yaml``
+    in the output dir) as ``section.key`` parameters at the start, and its run is written to
+    ``mlflow_run.json`` (benchmarks.tracking).
     """
 
     def __init__(self, output_dir: str):
@@ -55,6 +70,19 @@ class MetricsCallback(Callback):
                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
             write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
+        self._start_mlflow_runs(trainer)
+
+    def _start_mlflow_runs(self, trainer) -> None:
+        from benchmarks import tracking
+        from benchmarks.metrics import global_rank
+
+        resolved = Path(self.output_dir) / "resolved_config.yaml"
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and global_rank() == 0:
+                if resolved.is_file():
+                    logger.log_hyperparams(tracking.config_params_from_yaml(resolved))
+                tracking.write_run_file(self.output_dir, logger._tracking_uri, logger._experiment_name,
+                                        logger.experiment_id, logger.run_id, logger._run_name)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.timer.begin()
@@ -68,7 +96,9 @@ class MetricsCallback(Callback):
         loss = trainer.callback_metrics.get("reduced_train_loss")
         if loss is None and isinstance(outputs, dict):
             loss = outputs.get("loss")
-        rec = self.timer.end(trainer.global_step, None if loss is None else float(loss), self._lr)
+        grad_norm = trainer.callback_metrics.get("grad_norm")
+        rec = self.timer.end(trainer.global_step, None if loss is None else float(loss), self._lr,
+                             None if grad_norm is None else float(grad_norm))
         metrics = {f"train/{k}": v for k, v in tracked_scalars(rec).items()}
         for logger in trainer.loggers:  # NeMoLogger's (TensorBoard when tracking.tensorboard); rank 0 only
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -26,7 +26,7 @@ from typing import Optional
 from recipes.config import ExperimentConfig, check_runs_on_cpu, LoraConfig, ModelConfig, OptimConfig, ParallelConfig, TrackingConfig, TrainConfig
 from recipes.cpu_shim import is_cpu
 from recipes.nemo_import import default_nemo_path, family_of
-from recipes.nemo_metrics import MetricsCallback
+from recipes.nemo_metrics import IntStepMLFlowLogger, MetricsCallback
 
 # config precision -> MegatronMixedPrecision(precision=...)
 NEMO_PRECISION = {"fp32": "32", "bf16-mixed": "bf16-mixed", "fp16-mixed": "16-mixed"}
@@ -136,6 +136,7 @@ def trainer_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0, accumulate_grad_batches=1, use_distributed_sampler=False,
         enable_progress_bar=False,
+        logger=False,  # only NeMoLogger's loggers (tracking); Lightning's default would write ./lightning_logs
         strategy=strategy_config(cfg.parallel, cpu),
         plugins=run.Config(nl.MegatronMixedPrecision, precision=NEMO_PRECISION[t.precision]),
         callbacks=[run.Config(MetricsCallback, output_dir=str(Path(output_dir).absolute()))])
@@ -176,12 +177,16 @@ def peft_config(method: str, lora: LoraConfig):
                       target_modules=list(lora.target_modules))
 
 
-def log_config(train: TrainConfig, output_dir: str | Path, tracking: TrackingConfig | None = None):
+def log_config(train: TrainConfig, output_dir: str | Path, tracking: TrackingConfig | None = None,
+               mlflow: Optional[dict] = None):
     """Checkpoints under ``<output_dir>/nemo/checkpoints``: every ``checkpoint_every_n_steps`` (0: at
     the end only), keeping the newest two and a ``-last`` one that resume picks up. With
     ``tracking.tensorboard`` NeMo's logger gets Lightning's TensorBoardLogger writing to
     ``<output_dir>/tb`` (the HF backend's directory too), where MetricsCallback logs the shared
-    per-step metrics beside NeMo's own (``reduced_train_loss``, ...)."""
+    per-step metrics beside NeMo's own (``reduced_train_loss``, ...). With ``mlflow``
+    (:func:`benchmarks.tracking.settings` of ``tracking.mlflow``) it also gets Lightning's MLFlowLogger
+    (``extra_loggers``; integer steps: recipes.nemo_metrics.IntStepMLFlowLogger), which receives the same
+    metrics; MetricsCallback adds the config as parameters."""
     import nemo_run as run
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
@@ -196,8 +201,10 @@ def log_config(train: TrainConfig, output_dir: str | Path, tracking: TrackingCon
     tb = run.Config(TensorBoardLogger, save_dir=str(Path(output_dir).absolute() / TB_DIR), name="", version="",
                     default_hp_metric=False) if tracking.tensorboard else None
     # update_logger_directory=False: the TensorBoard dir is the one given, not moved under nemo/
+    extra = [run.Config(IntStepMLFlowLogger, tracking_uri=mlflow["uri"], experiment_name=mlflow["experiment"],
+                        run_name=mlflow["run_name"])] if mlflow else []
     return run.Config(nl.NeMoLogger, log_dir=str(Path(output_dir).absolute()), name=CHECKPOINT_SUBDIR,
-                      use_datetime_version=False, ckpt=ckpt, tensorboard=tb, wandb=None,
+                      use_datetime_version=False, ckpt=ckpt, tensorboard=tb, wandb=None, extra_loggers=extra,
                       update_logger_directory=False)
 
 
@@ -217,11 +224,14 @@ def build_recipe(cfg: ExperimentConfig, output_dir: str | Path | None = None, ne
     import nemo_run as run
     from nemo.collections import llm
 
+    from benchmarks.tracking import settings
+
     cpu = is_cpu() if cpu is None else cpu
     out = Path(output_dir or cfg.output_dir)
     restore = Path(nemo_path) if nemo_path else default_nemo_path(cfg.model.hf_path)
     parts = dict(data=data_config(cfg, out, cpu), trainer=trainer_config(cfg, out, cpu),
-                 log=log_config(cfg.train, out, cfg.tracking), optim=optim_config(cfg.optim, cfg.train, cfg.parallel, cpu),
+                 log=log_config(cfg.train, out, cfg.tracking, settings(cfg.tracking, cfg.name, cfg.method, "nemo")),
+                 optim=optim_config(cfg.optim, cfg.train, cfg.parallel, cpu),
                  peft=peft_config(cfg.method, cfg.lora), resume=resume_config(restore))
     if with_model:
         parts["model"] = model_config(cfg.model, cfg.train, cpu)

@@ -86,3 +86,65 @@ def openai_server(small_model_dir, small_lora_adapter, tmp_path_factory):
         yield SimpleNamespace(base_url=server.base_url, base_model="base", lora_model="lora",
                               model_dir=Path(small_model_dir), adapter_dir=Path(small_lora_adapter),
                               log_path=log, server=server)
+
+
+MLFLOW_VENV = Path(__file__).resolve().parents[1] / ".venv-mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (the full mlflow package, from .venv-mlflow; `make mlflow-install`) on
+    127.0.0.1 for the whole session, with a SQLite store and local artifacts in a temporary dir; its
+    ``http://`` URI. Started on first use (~5 s). Skipped when the venv is missing, unless
+    FUNDCOMMENT_REQUIRE_SERVER=1 (`make test`)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from benchmarks.serve import free_port
+
+    exe = Path(os.environ.get("FUNDCOMMENT_MLFLOW", MLFLOW_VENV / "bin" / "mlflow"))
+    if not exe.is_file():
+        msg = f"{exe}: no MLflow server venv — run `make mlflow-install` (or set FUNDCOMMENT_MLFLOW)"
+        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                             "--artifacts-destination", str(d / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=d)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"MLflow server did not start (exit {proc.poll()}); {d / 'server.log'}:\n"
+                            + (d / "server.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(request):
+    """The test server's URI when it can run, else None (tests then check TensorBoard only); under
+    FUNDCOMMENT_REQUIRE_SERVER=1 a missing server venv fails instead."""
+    if not (Path(os.environ.get("FUNDCOMMENT_MLFLOW", MLFLOW_VENV / "bin" / "mlflow")).is_file()
+            or os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1"):
+        return None
+    return request.getfixturevalue("mlflow_server")

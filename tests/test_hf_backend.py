@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
-from tracking_checks import assert_tracked_like_metrics
+from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
 from recipes.config import load_config
 from recipes.finetune import main as finetune_main
 from recipes.hf_backend import PadCollator, hf_lora_targets, load_split, training_arguments
@@ -31,10 +31,13 @@ def _first_last(losses, k=3):
 
 
 @pytest.mark.parametrize("config", ["tiny_lora", "tiny_sft"])
-def test_tiny_run_loss_falls_and_writes_outputs(config, tiny_model_dir, tiny_data_dir, tmp_path):
+def test_tiny_run_loss_falls_and_writes_outputs(config, tiny_model_dir, tiny_data_dir, tmp_path, mlflow_uri):
+    """Also tracked in MLflow: tiny_lora on the test's MLflow server (when it can run), tiny_sft in a file: store."""
     out = tmp_path / config
+    store = mlflow_uri if config == "tiny_lora" else f"file:{tmp_path / 'mlruns'}"
+    tracking = [f"tracking.mlflow={store}"] if store else []
     rc = finetune_main(["--config", str(ROOT / f"nemo_configs/{config}.yaml"), "--backend", "hf",
-                        *_overrides(tiny_model_dir, tiny_data_dir, out, "train.max_steps=12")])
+                        *_overrides(tiny_model_dir, tiny_data_dir, out, "train.max_steps=12", *tracking)])
     assert rc == 0
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 13))
@@ -47,6 +50,10 @@ def test_tiny_run_loss_falls_and_writes_outputs(config, tiny_model_dir, tiny_dat
     assert recs[0]["lr"] < recs[2]["lr"]        # linear warmup over the first 2 steps
     assert (out / "resolved_config.yaml").is_file()
     assert_tracked_like_metrics(out, recs)
+    if store:
+        client, run = assert_mlflow_like_metrics(out, recs, "hf", config)
+        assert run.data.params["learning_rate"] == run.data.params["optim.lr"]  # transformers' own params too
+        assert all(r["grad_norm"] > 0 for r in recs)
     if config == "tiny_lora":
         cfg = json.loads((out / "adapter/adapter_config.json").read_text())
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
@@ -128,7 +135,7 @@ def test_only_global_rank_zero_writes_metrics(tmp_path, monkeypatch):
 def test_tracked_scalars_are_the_records_fields(tmp_path):
     from benchmarks.metrics import TRACKED, StepRecord, tracked_scalars
     rec = StepRecord(step=3, loss=2.5, lr=1e-3, step_time_s=0.5, tokens=100, tokens_padded=128, loss_tokens=40,
-                     samples=8, time_s=1.5, backend="hf")
+                     samples=8, time_s=1.5, backend="hf", grad_norm=0.75)
     got = tracked_scalars(rec)
     assert set(got) == set(TRACKED)
     assert got["tokens_per_s"] == 200.0 and got["loss"] == 2.5 and got["samples"] == 8.0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
-from tracking_checks import assert_tracked_like_metrics
+from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
 import families
 from convert import nemo_ckpt as nc
 from recipes import nemo_import as ni, nemo_metrics as nm, nemo_recipe as nr
@@ -435,10 +435,13 @@ def _mean(xs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["tiny_lora", "tiny_sft"])
-def test_nemo_run_loss_falls_writes_metrics_and_checkpoint(config, tiny, imported, tmp_path):
+def test_nemo_run_loss_falls_writes_metrics_and_checkpoint(config, tiny, imported, tmp_path, mlflow_uri):
+    """Also tracked in MLflow: tiny_lora on the test's MLflow server (when it can run), tiny_sft in a file:
+    store; the same checks as the HF runs (tests/test_hf_backend.py), so both backends log the same names."""
     out = tmp_path / config
     steps = 12
-    r = _finetune(config, tiny, out, f"train.max_steps={steps}")
+    store = mlflow_uri if config == "tiny_lora" else f"file:{tmp_path / 'mlruns'}"
+    r = _finetune(config, tiny, out, f"train.max_steps={steps}", *([f"tracking.mlflow={store}"] if store else []))
     ckpt = Path(r.stdout.strip().splitlines()[-1].removeprefix("done: "))
     recs = read_metrics(out)
     assert [x["step"] for x in recs] == list(range(1, steps + 1))
@@ -453,6 +456,11 @@ def test_nemo_run_loss_falls_writes_metrics_and_checkpoint(config, tiny, importe
     assert (out / "resolved_config.yaml").is_file() and (out / "nemo_recipe.txt").is_file()
     tags = assert_tracked_like_metrics(out, recs)
     assert "reduced_train_loss" in tags  # NeMo's own metrics, by NeMo's logger, in the same files
+    assert all(x["grad_norm"] > 0 for x in recs)
+    if store:
+        client, run = assert_mlflow_like_metrics(out, recs, "nemo", config)
+        assert client.get_metric_history(run.info.run_id, "reduced_train_loss")  # NeMo's own, by its logger
+    assert not (ROOT / "lightning_logs").exists() and not (out / "lightning_logs").exists()
     assert ckpt == nr.last_checkpoint(out) and (ckpt / "weights").is_dir() and (ckpt / "context").is_dir()
     keys = nc.dist_checkpoint_keys(ckpt / "weights")
     model_keys = [k for k in keys if k.startswith("module.")]

@@ -21,3 +21,32 @@ def assert_tracked_like_metrics(out: Path, recs: list[dict]) -> dict:
             want = rec["tokens"] / rec["step_time_s"] if name == "tokens_per_s" else rec[name]
             assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), (name, got, want)
     return tags
+
+
+def assert_mlflow_like_metrics(out: Path, recs: list[dict], backend: str, config_name: str):
+    """The run named by ``out/mlflow_run.json`` is FINISHED on its tracking server (read back with
+    MlflowClient): experiment = the config name, run name ``<backend>-<method>-<UTC time>``, the resolved
+    config as ``section.key`` params, and every :data:`TRACKED` metric as ``train/<name>`` with one value
+    per metrics.jsonl record, at the same steps and with the same values. Returns (client, run)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.tracking import RUN_FILE, config_params_from_yaml, tracking_uri
+
+    info = json.loads((Path(out) / RUN_FILE).read_text())
+    client = MlflowClient(tracking_uri(info["tracking_uri"]))
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED", run.info
+    assert run.info.run_name == info["run_name"] and run.info.run_name.startswith(f"{backend}-"), run.info.run_name
+    assert client.get_experiment(run.info.experiment_id).name == config_name == info["experiment"]
+    params = config_params_from_yaml(Path(out) / "resolved_config.yaml")
+    assert {k: run.data.params.get(k) for k in params} == params
+    steps = [r["step"] for r in recs]
+    for name in TRACKED:
+        hist = sorted(client.get_metric_history(run.info.run_id, f"train/{name}"), key=lambda m: m.step)
+        assert [m.step for m in hist] == steps, (name, [(m.step, m.value) for m in hist])
+        for m, rec in zip(hist, recs):
+            want = rec["tokens"] / rec["step_time_s"] if name == "tokens_per_s" else rec[name]
+            assert math.isclose(m.value, want, rel_tol=1e-9, abs_tol=1e-12), (name, m.step, m.value, want)
+    return client, run
