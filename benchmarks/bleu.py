@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks import tracking
 from recipes.fileio import iter_jsonl, write_json_atomic
 
 DEFAULT_TOKENIZE = "ja-mecab"
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: from the references or predictions rows when they carry them)")
     parser.add_argument("--vocabulary", help="extra instruments for fact fidelity: JSON {canonical: [alias, ...]}")
     parser.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
+    tracking.add_arguments(parser)  # the figures as eval/bleu/score, eval/rates/fact_recall, ...
     args = parser.parse_args(argv)
     inputs = [Path(p).resolve() for p in (args.predictions, args.references, args.drafts, args.vocabulary) if p]
     if args.json_out and Path(args.json_out).resolve() in inputs:
@@ -416,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "rates_bootstrap": {"applies": False, "reason": "one system, no baseline "
                                                                      "(benchmarks.model_eval tests models against a "
                                                                      "baseline)"}})
+    try:
+        where = tracking.log_from_args(args, tracking.flat_numbers(
+            {"bleu": result.to_dict(), **checks.to_dict(), "rates": checks.rates()}, "eval"))
+    except tracking.TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if where:
+        print(where)
     return 0
 
 

@@ -49,6 +49,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterable, Optional
 
+from benchmarks import tracking
 from recipes.schema import char_class
 
 # canonical name -> aliases (compared after NFKC; longest alias first at match time)
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocabulary", metavar="FILE",
                     help='JSON {"canonical name": ["alias", ...]} of instruments to add to the built-in list')
     ap.add_argument("--show", type=int, default=20, metavar="N", help="findings to print (default 20)")
+    tracking.add_arguments(ap)  # --pairs: the summary as fidelity/pairs, fidelity/faithful_share, ...
     args = ap.parse_args(argv)
     if args.speed:
         print(json.dumps(speed(args.speed)))
@@ -504,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_text(summary, results, args.pairs, args.show))
     if args.json:
         write_json_atomic(args.json, results)
+    try:
+        where = tracking.log_from_args(args, tracking.flat_numbers(summary.to_dict(), "fidelity"))
+    except tracking.TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if where:
+        print(where)
     return 0
 
 

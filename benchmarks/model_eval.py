@@ -69,6 +69,7 @@ from typing import Sequence
 from benchmarks.bleu import DEFAULT_TOKENIZE, RATE_NAMES, CommentChecks, check_comments, corpus_score, draft_of_row
 from benchmarks.openai_client import (DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, EndpointError,
                                       OpenAIClient, report_command)
+from benchmarks import tracking
 from recipes.fileio import iter_jsonl, write_json_atomic, write_text_atomic
 from recipes.textdiff import DELETE, EQUAL, INSERT, char_diff
 
@@ -1034,6 +1035,20 @@ def evaluate(data: str | Path, output: str | Path, endpoints: Sequence[EndpointS
     return result
 
 
+def log_results_to_mlflow(args) -> int:
+    """results.json's per-model figures to ``--mlflow-run`` (when given) as ``model_eval/<name>/...``."""
+    if not args.mlflow_run:
+        return 0
+    result = json.loads((Path(args.output) / "results.json").read_text(encoding="utf-8"))
+    figures = {n: {k: m.get(k) for k in ("bleu", "rates", "fidelity", "style")} for n, m in result["models"].items()}
+    try:
+        print(tracking.log_from_args(args, tracking.flat_numbers(figures, "model_eval")))
+    except tracking.TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model_eval", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1060,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocabulary", help="extra instruments for the fact check: JSON {canonical: [alias, ...]}")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty dir that is not a model_eval output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tracking.add_arguments(parser)  # each model's figures as model_eval/<name>/bleu/score, .../rates/..., ...
     args = parser.parse_args(argv)
     try:
         endpoints = [parse_endpoint_spec(s) for s in args.endpoint]
@@ -1067,12 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        return report_command(lambda: evaluate(
+        rc = report_command(lambda: evaluate(
             args.data, args.output, endpoints, locals_, max_tokens=args.max_tokens, concurrency=args.concurrency,
             timeout=args.timeout, retries=args.retries, backoff=args.backoff, baseline=args.baseline,
             bootstrap=args.bootstrap, limit=args.limit, n_examples=args.examples, batch_size=args.batch_size,
             tokenize=args.tokenize, overwrite=args.overwrite, progress=not args.no_progress,
             vocabulary=args.vocabulary), args.output)
+        return rc if rc else log_results_to_mlflow(args)
     except KeyboardInterrupt:
         print(f"interrupted: finished items are cached in {Path(args.output) / 'cache'}; rerun the same command "
               "to resume", file=sys.stderr)

@@ -13,7 +13,10 @@ What it does:
    sha256 of every prepared data file and a fingerprint of the model;
 3. refuses to compare runs whose resolved hyperparameters, data, model or hardware differ
    (``benchmarks.runs.compare_runs``; prints the differences, exit status 3), otherwise writes the
-   report (``benchmarks.report``) into DIR.
+   report (``benchmarks.report``) into DIR;
+4. with ``tracking.mlflow`` set (each backend's training run is then an MLflow run, named in its
+   ``runs/B/mlflow_run.json``) logs the report's figures of each backend to its run as ``bench/<name>``
+   (median step time, tokens/s, memory, ...; the NeMo/HF ratios as ``bench/speedup/<name>``).
 
 Timed runs get ``OMP_NUM_THREADS=1`` unless it is already set (it is recorded either way).
 An existing ``DIR/runs/B`` is only replaced with ``--overwrite`` (NeMo would resume from its checkpoint).
@@ -191,6 +194,27 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import build_report
     rep = build_report(runs, out)
     print(f"[bench] report: {rep}")
+    return log_summary_to_runs(out, run_dirs)
+
+
+def log_summary_to_runs(out: Path, run_dirs: list[Path]) -> int:
+    """Each backend's figures of ``out/summary.json`` to the MLflow run its training run wrote into
+    ``runs/B/mlflow_run.json`` (none: nothing to do). 0, or 1 when a run cannot be written."""
+    from benchmarks import tracking
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    for stats, d in zip(summary["runs"], run_dirs):
+        if not (d / tracking.RUN_FILE).is_file():
+            continue
+        figures = tracking.flat_numbers({k: v for k, v in stats.items() if k != "backend"}, "bench")
+        figures.update(tracking.flat_numbers(summary.get("speedup") or {}, "bench/speedup"))
+        try:
+            uri, run_id = tracking.resolve_run(str(d))
+            n = tracking.log_summary(uri, run_id, figures)
+        except tracking.TrackingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"[bench] {stats['backend']}: {n} figures -> MLflow run {run_id} at {uri}")
     return 0
 
 
