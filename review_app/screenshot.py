@@ -162,9 +162,10 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 def take_screenshot(url: str, output: str | os.PathLike, chromium: str, width: int = 1400, height: int = 1000,
-                    wait_s: float = 120.0, settle_s: float = 1.0) -> Path:
+                    wait_s: float = 120.0, settle_s: float = 1.0, ready_js: str = READY_JS) -> Path:
     """Open ``url`` in headless Chromium, wait until the Streamlit script has finished (at most
-    ``wait_s``), then write a ``width`` x ``height`` PNG to ``output`` (temp file, then rename).
+    ``wait_s``; another page: its own ``ready_js`` expression, true when it is drawn), then write a
+    ``width`` x ``height`` PNG to ``output`` (temp file, then rename).
 
     Not ``chromium --screenshot --virtual-time-budget``: a Streamlit page arrives over a WebSocket
     after the load event, which virtual time does not wait for, so that picture is an empty page."""
@@ -186,7 +187,7 @@ def take_screenshot(url: str, output: str | os.PathLike, chromium: str, width: i
                           mobile=False)
                 page.call("Page.navigate", url=url)
                 deadline = time.monotonic() + wait_s
-                while not page.call("Runtime.evaluate", expression=READY_JS,
+                while not page.call("Runtime.evaluate", expression=ready_js,
                                     returnByValue=True)["result"].get("value"):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"the page at {url} was not ready within {wait_s:g} s")

@@ -173,3 +173,22 @@ def test_model_eval_logs_each_models_figures(tmp_path):
                                      "model_eval/base/rates/fact_recall": 0.9, "model_eval/base/style/compliance": 1.0,
                                      "model_eval/lora/bleu/score": 20.0, "model_eval/lora/bleu/chrf": 40.0,
                                      "model_eval/lora/rates/fact_recall": 0.9, "model_eval/lora/style/compliance": 1.0}
+
+
+def test_tracking_screenshot_shows_both_runs_in_tensorboards_ui(tmp_path):
+    """The README's picture command on two runs' event files: TensorBoard on 127.0.0.1, headless Chromium."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.tracking_screenshot import main
+    from review_app.screenshot import find_chromium, png_size
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium (make browser)")
+    for name, loss0 in (("nemo", 7.0), ("hf", 6.8)):
+        with SummaryWriter(str(tmp_path / name / "tb")) as w:
+            for step in range(1, 6):
+                w.add_scalar("train/loss", loss0 - 0.1 * step, step)
+    out = tmp_path / "shot.png"
+    assert main(["--run", f"nemo={tmp_path / 'nemo'}", "--run", f"hf={tmp_path / 'hf'}", "--output", str(out)]) == 0
+    assert png_size(out) == (1120, 620) and out.stat().st_size > 10_000
+    assert main(["--run", f"x={tmp_path / 'missing'}", "--output", str(out)]) == 1
