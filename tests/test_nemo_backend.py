@@ -332,11 +332,11 @@ def test_metrics_callback_drops_records_after_the_restored_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
     cb = nm.MetricsCallback(str(tmp_path))
-    cb.on_train_start(SimpleNamespace(global_step=4), None)
+    cb.on_train_start(SimpleNamespace(global_step=4, loggers=[]), None)
     cb.timer.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
     cb = nm.MetricsCallback(str(tmp_path))  # a fresh run (step 0) starts the file again
-    cb.on_train_start(SimpleNamespace(global_step=0), None)
+    cb.on_train_start(SimpleNamespace(global_step=0, loggers=[]), None)
     cb.timer.close()
     assert read_metrics(path) == []
 
