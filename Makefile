@@ -13,14 +13,17 @@ MLFLOW_VENV ?= .venv-mlflow
 # wheel on disk. In the nemo:24.12 container use Dockerfile.nemo instead (it keeps the container's torch).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
+GPU_BUNDLE ?= dist/gpu-bundle
+GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 
-.PHONY: install serve-install mlflow-install browser demo test test-fast clean help
+.PHONY: install serve-install mlflow-install browser demo test test-fast gpu-bundle clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
 	@echo "make test   - install and run the tests (incl. slow end-to-end ones)"
 	@echo "make test-fast - tests without the slow end-to-end ones"
+	@echo "make gpu-bundle - offline wheels for the GPU smoke test on a bare CUDA host ($(GPU_BUNDLE), Python $(GPU_PYTHON))"
 
 $(VENV)/.installed: requirements/main.txt requirements/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +70,11 @@ test: install serve-install mlflow-install browser
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+# the wheels a CUDA host without Docker or network lacks for `bash benchmarks/gpu_smoke.sh --bundle DIR`
+# (benchmarks/gpu_bundle.py; GPU_PYTHON is the GPU host's Python: 3.10, 3.11 or 3.12)
+gpu-bundle: install
+	$(PY) -m benchmarks.gpu_bundle --output $(GPU_BUNDLE) --python $(GPU_PYTHON) --overwrite
 
 clean:
 	rm -rf runs artifacts .pytest_cache
