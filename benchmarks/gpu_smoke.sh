@@ -1,26 +1,67 @@
 #!/usr/bin/env bash
 # GPU smoke test: a few NeMo and HF steps of an 8B-shaped Llama (random weights, nothing downloaded) on
-# one GPU in about 10 minutes, then one table (step time, tokens/s, TFLOP/s, MFU, peak memory vs the
-# recipes.memory estimate). Run it in the nemo:24.12 image built from Dockerfile.nemo, from the repo root:
+# one GPU, then one table and smoke.json (step time, tokens/s, TFLOP/s, MFU, peak memory vs the
+# recipes.memory estimate, GPU utilisation and power). From the repo root, either in the nemo:24.12 image
+# built from Dockerfile.nemo, or on a bare CUDA host with the offline bundle (`make gpu-bundle`):
 #
 #   bash benchmarks/gpu_smoke.sh                       # LoRA, 4 of 32 layers, 8 steps per backend
+#   bash benchmarks/gpu_smoke.sh --bundle dist/gpu-bundle   # install the bundle into a temp prefix first
 #   bash benchmarks/gpu_smoke.sh --method both --layers 8 --steps 10 --output runs/gpu_smoke
 #   bash benchmarks/gpu_smoke.sh --dry-run             # no GPU: configs, estimate and the commands only
 #
-# Everything after the script name goes to `python -m benchmarks.gpu_smoke` (see its --help).
+# --bundle DIR: `pip install --no-index --no-deps --no-build-isolation --target PREFIX/site` of DIR's
+# requirements.txt with the host's python (PYTHON, else python3), PREFIX/site first on PYTHONPATH; the host's
+# environment is not changed. PREFIX is a temp dir removed at the end unless GPU_SMOKE_PREFIX names one (kept).
+# Everything else goes to `python -m benchmarks.gpu_smoke` (see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bundle=""
+args=()
+dry_run=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --bundle) [[ $# -ge 2 ]] || { echo "error: --bundle needs a directory" >&2; exit 2; }; bundle=$2; shift 2 ;;
+        --bundle=*) bundle=${1#--bundle=}; shift ;;
+        *) [[ "$1" == "--dry-run" ]] && dry_run=1; args+=("$1"); shift ;;
+    esac
+done
+
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
-    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python; fi
+    if [[ -z "$bundle" && -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-
-dry_run=0
-for arg in "$@"; do
-    if [[ "$arg" == "--dry-run" ]]; then dry_run=1; fi
+for arg in "${args[@]}"; do
     if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then exec "$PY" -m benchmarks.gpu_smoke --help; fi
 done
+
+if [[ -n "$bundle" ]]; then
+    [[ -f "$bundle/bundle.json" && -f "$bundle/requirements.txt" ]] || {
+        echo "error: $bundle: not a bundle (no bundle.json / requirements.txt); make one with: make gpu-bundle" >&2; exit 2; }
+    want=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["python"])' "$bundle/bundle.json")
+    have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [[ "$want" != "$have" ]]; then
+        echo "error: $bundle is for Python $want, $PY is $have (make gpu-bundle GPU_PYTHON=$have)" >&2; exit 2
+    fi
+    "$PY" -c "import torch" 2> /dev/null || {
+        echo "error: $PY has no torch: the bundle needs a host with a CUDA build of PyTorch" >&2; exit 2; }
+    if [[ -n "${GPU_SMOKE_PREFIX:-}" ]]; then
+        prefix=$GPU_SMOKE_PREFIX
+        mkdir -p "$prefix"
+    else
+        prefix=$(mktemp -d "${TMPDIR:-/tmp}/gpu-smoke.XXXXXX")
+        trap 'rm -rf "$prefix"' EXIT
+    fi
+    echo "installing $bundle into $prefix/site (offline)"
+    t0=$(date +%s)
+    # sources that compile (megatron-core on Python 3.12) are built here: setup.py calls `python3 -m pybind11`
+    PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH" \
+        "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check \
+        --quiet --upgrade --find-links "$bundle" --target "$prefix/site" -r "$bundle/requirements.txt"
+    echo "installed in $(( $(date +%s) - t0 )) s"
+    export PYTHONPATH="$prefix/site${PYTHONPATH:+:$PYTHONPATH}"
+    export GPU_SMOKE_BUNDLE="$bundle" GPU_SMOKE_INSTALL_S=$(( $(date +%s) - t0 ))
+fi
 
 if [[ $dry_run -eq 0 ]]; then
     if ! command -v nvidia-smi > /dev/null 2>&1; then
@@ -34,4 +75,4 @@ fi
 
 # timed runs: one OpenMP thread per process; nothing from a model hub
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$PY" -m benchmarks.gpu_smoke "$@"
+"$PY" -m benchmarks.gpu_smoke ${args[@]+"${args[@]}"}

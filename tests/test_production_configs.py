@@ -262,7 +262,7 @@ def launch_parser():
 
 def test_gpu_smoke_dry_run(tmp_path):
     cmd = [c for c in doc_commands() if "gpu_smoke.sh" in c]
-    assert cmd == ["bash benchmarks/gpu_smoke.sh"]
+    assert cmd == ["bash benchmarks/gpu_smoke.sh", "bash benchmarks/gpu_smoke.sh --bundle dist/gpu-bundle"]
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu_smoke.sh")], check=True)
     r = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_smoke.sh"), "--dry-run", "--method", "both",
                         "--output", str(tmp_path / "smoke")], capture_output=True, text=True, timeout=120,
