@@ -27,6 +27,9 @@ backends train on it before committing a DGX to a real run. Nothing is downloade
    markdown table and written to ``smoke.md`` and ``smoke.json`` in the output dir.
 
 ``--dry-run`` does steps 1, 3 and 4's estimate only (no model, no GPU) and prints the commands.
+``--rehearse`` runs every step with the tiny test model (2 layers, fp32) instead: on any machine, a CPU
+included, it checks a host or a bundle end to end before GPU time is spent (``tests/test_gpu_bundle.py``
+rehearses with the bundle in a host-like venv).
 """
 from __future__ import annotations
 
@@ -36,43 +39,64 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-SHAPE_8B = dict(hidden=4096, heads=32, kv_heads=8, ffn=14336)  # Llama 3.1 8B (recipes.memory: llama31_8b)
 SMOKE_VOCAB = 2048  # tokenizer size: the tiny tokenizer's corpus yields ~2,300 tokens at most
 EMBEDDING_ROWS = 128_256  # Llama 3.1's vocabulary: the embedding / LM head rows of the smoke model
 BACKENDS = ("nemo", "hf")
 METHODS = ("lora", "sft")
 
 
-def smoke_architecture(layers: int):
+@dataclass(frozen=True)
+class Shape:
+    """The random model of a smoke run and the config it starts from."""
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int  # tokenizer tokens
+    rows: int  # embedding / LM head rows (config.json vocab_size)
+    max_positions: int
+    base_config: str  # nemo_configs/<base_config.format(method=...)>
+
+
+SHAPES = {
+    # Llama 3.1 8B's layer shape (recipes.memory: llama31_8b) and vocabulary; bf16-mixed, seq_length 2048
+    "8b": Shape("8b", 4096, 32, 8, 14336, SMOKE_VOCAB, EMBEDDING_ROWS, 4096, "swallow_8b_{method}.yaml"),
+    # --rehearse: the same steps on any machine (a CPU included) with the tiny test model, fp32
+    "tiny": Shape("tiny", 64, 4, 2, 176, 1000, 1024, 2048, "tiny_{method}.yaml"),
+}
+
+
+def smoke_architecture(layers: int, shape: Shape = SHAPES["8b"]):
     """The shape :func:`build_command` builds, as a recipes.memory.Architecture (for the estimate)."""
     import families
     from recipes.memory import Architecture
-    return Architecture("gpu_smoke_8b", families.DEFAULT_FAMILY, num_layers=layers, hidden_size=SHAPE_8B["hidden"],
-                        num_attention_heads=SHAPE_8B["heads"], num_query_groups=SHAPE_8B["kv_heads"],
-                        ffn_hidden_size=SHAPE_8B["ffn"], vocab_size=EMBEDDING_ROWS, tie_embeddings=False,
-                        rope_theta=10000.0, max_position_embeddings=4096)
+    return Architecture(f"gpu_smoke_{shape.name}", families.DEFAULT_FAMILY, num_layers=layers, hidden_size=shape.hidden,
+                        num_attention_heads=shape.heads, num_query_groups=shape.kv_heads, ffn_hidden_size=shape.ffn,
+                        vocab_size=shape.rows, tie_embeddings=False, rope_theta=10000.0,
+                        max_position_embeddings=shape.max_positions)
 
 
-def build_command(model_dir: Path, layers: int) -> list[str]:
+def build_command(model_dir: Path, layers: int, shape: Shape = SHAPES["8b"]) -> list[str]:
     return [sys.executable, "-m", "recipes.models", "tiny", "--output", str(model_dir), "--layers", str(layers),
-            "--hidden", str(SHAPE_8B["hidden"]), "--heads", str(SHAPE_8B["heads"]), "--kv-heads",
-            str(SHAPE_8B["kv_heads"]), "--ffn", str(SHAPE_8B["ffn"]), "--vocab", str(SMOKE_VOCAB),
-            "--embedding-rows", str(EMBEDDING_ROWS), "--no-tie",
-            "--max-position-embeddings", "4096"]
+            "--hidden", str(shape.hidden), "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads),
+            "--ffn", str(shape.ffn), "--vocab", str(shape.vocab), "--embedding-rows", str(shape.rows), "--no-tie",
+            "--max-position-embeddings", str(shape.max_positions), "--overwrite"]
 
 
-def smoke_config(method: str, out: Path, steps: int):
-    """The one-GPU ExperimentConfig of the smoke run for ``method`` (see the module docstring)."""
+def smoke_config(method: str, out: Path, steps: int, shape: Shape = SHAPES["8b"]):
+    """The one-device ExperimentConfig of the smoke run for ``method`` (see the module docstring)."""
     from recipes.config import load_config
     overrides = [
-        f"name=gpu_smoke_8b_{method}", f"output_dir={out / 'runs' / method}",
-        f"model.hf_path={out / 'model'}", f"data.source={ROOT / 'datasets' / 'demo_pairs.jsonl'}",
-        f"data.dataset_dir={out / 'data'}",
+        f"name=gpu_smoke_{shape.name}_{method}", f"output_dir={out / 'runs' / method}",
+        f"model.hf_path={out / f'model_{shape.name}'}", f"data.source={ROOT / 'datasets' / 'demo_pairs.jsonl'}",
+        f"data.dataset_dir={out / f'data_{shape.name}'}",
         f"train.max_steps={steps}", "train.micro_batch_size=1", "train.global_batch_size=8",
         "train.num_devices=1", "train.val_check_interval=0", "train.limit_val_batches=1",
         "train.checkpoint_every_n_steps=0", f"train.warmup_steps_excluded={min(2, steps - 1)}",
@@ -80,7 +104,7 @@ def smoke_config(method: str, out: Path, steps: int):
         "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false", "parallel.num_nodes=1",
         "parallel.use_distributed_optimizer=false",
     ]
-    return load_config(ROOT / "nemo_configs" / f"swallow_8b_{method}.yaml", overrides)
+    return load_config(ROOT / "nemo_configs" / shape.base_config.format(method=method), overrides)
 
 
 def write_config(cfg, path: Path) -> Path:
@@ -224,12 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="runs/gpu_smoke", help="output dir (default: %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="preflight, write the configs, print the estimate and the "
                                                            "commands; run nothing")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="every step with the tiny test model (fp32, 2 layers) instead of the 8B shape: runs on any "
+                         "machine, a CPU included, to check a host or a bundle before the GPU time")
     args = ap.parse_args(argv)
     if args.layers < 1 or args.steps < 2:
         ap.error("--layers must be >= 1 and --steps >= 2")
     t0 = time.perf_counter()
     out = Path(args.output).absolute()
     methods = METHODS if args.method == "both" else (args.method,)
+    shape = SHAPES["tiny" if args.rehearse else "8b"]
+    layers = 2 if args.rehearse else args.layers
 
     from recipes.memory import Layout, estimate
     from recipes.validate import layout_problems
@@ -237,22 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     skipped = {b: f"does not import on this host: {e}" for b, e in pre["errors"].items() if e}
     backends = tuple(b for b in BACKENDS if b not in skipped)
     print("\n".join(describe_host(pre)))
-    arch = smoke_architecture(args.layers)
-    print(f"model: {arch.summary()} (random weights; Llama 3.1 8B layer shape, {args.layers} of 32 layers, "
-          f"{EMBEDDING_ROWS:,}-row embedding / LM head, {SMOKE_VOCAB}-token tokenizer)")
+    arch = smoke_architecture(layers, shape)
+    print(f"model: {arch.summary()} (random weights; " + (
+        "rehearsal: the tiny test model" if args.rehearse else
+        f"Llama 3.1 8B layer shape, {layers} of 32 layers") +
+        f", {shape.rows:,}-row embedding / LM head, {shape.vocab}-token tokenizer)")
     plans = []
     for method in methods:
-        cfg = smoke_config(method, out, args.steps)
+        cfg = smoke_config(method, out, args.steps, shape)
         problems = layout_problems(cfg)
         if problems:
             print(f"error: {method}: " + "; ".join(problems), file=sys.stderr)
             return 2
         est = estimate(arch, Layout.from_config(cfg))
-        config_path = write_config(cfg, out / f"gpu_smoke_8b_{method}.yaml")
-        print(f"{method}: {config_path}; estimated peak {est.total_gib:.1f} GiB on one GPU")
+        config_path = write_config(cfg, out / f"{cfg.name}.yaml")
+        print(f"{method}: {config_path}; estimated peak {est.total_gib:.1f} GiB on one device")
         plans.append((method, config_path, out / f"bench_{method}", est.total_gib))
 
-    build = build_command(out / "model", args.layers)
+    model_dir = out / f"model_{shape.name}"
+    build = build_command(model_dir, layers, shape)
     if not backends:
         print("error: no backend imports on this host (see 'skipped' above)", file=sys.stderr)
         return 2
@@ -262,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         for _, config_path, bench_dir, _ in plans:
             print("  " + " ".join(bench_command(config_path, bench_dir, args.steps, backends)))
         return 0
-    if not (out / "model" / "config.json").is_file():
+    if not (model_dir / "config.json").is_file() or \
+            json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"] != layers:
         _run(build)
     rows = []
     for method, config_path, bench_dir, est_gib in plans:
@@ -281,14 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     install_s = os.environ.get("GPU_SMOKE_INSTALL_S")
     head = [f"# GPU smoke test, {time.strftime('%Y-%m-%d')}", "", *[f"- {ln}" for ln in describe_host(pre)],
-            f"- model: {arch.summary()}, random weights; {args.steps} steps per backend",
+            f"- model: {arch.summary()}, random weights; {args.steps} steps per backend"
+            + (" (rehearsal: tiny model)" if args.rehearse else ""),
             f"- MFU against {peak[0]} TFLOP/s ({peak[1]})" if peak else
             f"- no MFU: no dense BF16 peak known for {pre.get('gpu')!r} (benchmarks.flops.PEAK_TFLOPS)",
             f"- wall time {wall:.0f} s" + (f" after installing the bundle in {install_s} s" if install_s else ""), ""]
     print()
     print(table)
     result = {"date": time.strftime("%Y-%m-%d"), "host": pre, "skipped": skipped, "model": arch.summary(),
-              "layers": args.layers, "steps": args.steps, "embedding_rows": EMBEDDING_ROWS, "peak_tflops": peak,
+              "rehearsal": args.rehearse, "layers": layers, "steps": args.steps, "embedding_rows": shape.rows,
+              "peak_tflops": peak,
               "bundle": os.environ.get("GPU_SMOKE_BUNDLE"), "bundle_install_s": float(install_s) if install_s else None,
               "wall_s": round(wall, 1), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

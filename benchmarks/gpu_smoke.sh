@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_smoke.sh --bundle dist/gpu-bundle   # install the bundle into a temp prefix first
 #   bash benchmarks/gpu_smoke.sh --method both --layers 8 --steps 10 --output runs/gpu_smoke
 #   bash benchmarks/gpu_smoke.sh --dry-run             # no GPU: configs, estimate and the commands only
+#   bash benchmarks/gpu_smoke.sh --bundle DIR --rehearse   # every step with the tiny model, on any machine
 #
 # --bundle DIR: `pip install --no-index --no-deps --no-build-isolation --target PREFIX/site` of DIR's
 # requirements.txt with the host's python (PYTHON, else python3), PREFIX/site first on PYTHONPATH; the host's
@@ -18,12 +19,12 @@ cd "$(dirname "$0")/.."
 
 bundle=""
 args=()
-dry_run=0
+dry_run=0  # also for --rehearse: neither needs a GPU
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --bundle) [[ $# -ge 2 ]] || { echo "error: --bundle needs a directory" >&2; exit 2; }; bundle=$2; shift 2 ;;
         --bundle=*) bundle=${1#--bundle=}; shift ;;
-        *) [[ "$1" == "--dry-run" ]] && dry_run=1; args+=("$1"); shift ;;
+        *) [[ "$1" == "--dry-run" || "$1" == "--rehearse" ]] && dry_run=1; args+=("$1"); shift ;;
     esac
 done
 

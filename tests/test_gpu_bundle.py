@@ -4,7 +4,7 @@ Fast: the pins file, the bundle builder's pieces, the smoke table and the shell 
 proof of issue 14): the bundle is built for this Python (megatron-core taken as source, as a Python 3.12 host
 gets it), a fresh venv modelled on a CUDA host (torch + requirements/gpu-host.txt: transformers 5, lightning
 2.6, numpy 2, ...) installs it with pip --no-index and no pip configuration, `gpu_smoke.sh --bundle --dry-run`
-prints the plan there, and both backends train the tiny model there on the CPU.
+prints the plan there, and `--rehearse` runs every step of the smoke test there with the tiny model on the CPU.
 """
 from __future__ import annotations
 
@@ -187,22 +187,25 @@ def test_bundle_installs_offline_on_a_host_like_venv_and_both_backends_train(hos
                                 capture_output=True, text=True, check=True).stdout.strip()
     assert host_numpy.startswith("2.")
 
-    # both backends train in that environment (CPU: the NeMo CPU shim), with a padded LM head
-    model = tmp_path / "model"
-    subprocess.run([str(host_venv), "-m", "recipes.models", "tiny", "--output", str(model), "--embedding-rows",
-                    "1024", "--no-tie"], check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(prefix / "site")},
-                   capture_output=True, timeout=300)
-    bench = tmp_path / "bench"
-    r = subprocess.run([str(host_venv), "-m", "benchmarks.train_speed", "--config", "nemo_configs/tiny_lora.yaml",
-                        "--backends", "nemo,hf", "--steps", "3", "--output", str(bench), f"model.hf_path={model}",
-                        f"data.dataset_dir={tmp_path / 'data'}", "train.warmup_steps_excluded=1"],
-                       cwd=ROOT, env={**env, "PYTHONPATH": str(prefix / "site"), "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=900)
+    # the rehearsal: every step of the smoke run there (CPU: the NeMo CPU shim), the tiny model with a padded
+    # LM head; the prefix is installed already and is installed again over itself (--upgrade)
+    r = subprocess.run(["bash", str(SMOKE_SH), "--bundle", str(bundle), "--rehearse", "--steps", "3",
+                        "--output", str(tmp_path / "rehearsal")], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    smoke = json.loads((tmp_path / "rehearsal" / "smoke.json").read_text())
+    assert smoke["rehearsal"] and smoke["skipped"] == {} and smoke["bundle"] == str(bundle)
+    assert smoke["bundle_install_s"] > 0 and smoke["host"]["versions"]["transformers"] == "4.47.1"
+    rows = {row["backend"]: row for row in smoke["rows"]}
+    assert rows["nemo"]["step_s"] > 0 and rows["hf"]["step_s"] > 0 and rows["hf/nemo"]["step_s"] > 0
+    assert rows["nemo"]["estimate_gib"] > 0 and rows["nemo"]["steps"] >= 1
+    assert "| lora | nemo |" in (tmp_path / "rehearsal" / "smoke.md").read_text()
     for backend in ("nemo", "hf"):
-        records = [json.loads(line) for line in (bench / "runs" / backend / "metrics.jsonl").read_text().splitlines()]
+        run = tmp_path / "rehearsal" / "bench_lora" / "runs" / backend
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [rec["step"] for rec in records] == [1, 2, 3], backend
-        versions = json.loads((bench / "runs" / backend / "bench_run.json").read_text())["versions"]
+        versions = json.loads((run / "bench_run.json").read_text())["versions"]
         # the bundle's transformers / lightning ran, not the host's 5.x / 2.6; the host's own peft
         assert (versions["transformers"], versions["lightning"]) == ("4.47.1", "2.4.0"), backend
         assert versions["peft"] != "0.14.0", backend
+    config = json.loads((tmp_path / "rehearsal" / "model_tiny" / "config.json").read_text())
+    assert config["vocab_size"] == 1024 and not config["tie_word_embeddings"]
