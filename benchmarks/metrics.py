@@ -107,8 +107,13 @@ class StepTimer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.backend = backend
         # One writer per run: with several processes (torchrun, DDP) only global rank 0 writes; the
-        # others still time steps (their records are discarded). Counts are rank 0's micro-batches.
+        # others still time steps (their records are discarded). The counts are summed over the
+        # data-parallel ranks at the end of each step (:attr:`count_group`), so a record holds the whole
+        # global batch's tokens whatever the layout.
         self._f = open(self.path, "a" if append else "w", encoding="utf-8", buffering=1) if global_rank() == 0 else None
+        # the process group whose ranks see different data (None: all ranks; set to Megatron's
+        # data-parallel group by the NeMo callback, where tensor/pipeline ranks share a micro-batch)
+        self.count_group = None
         self._t_run = time.perf_counter()
         self._t_prev: Optional[float] = None  # clock at the end of the previous step
         self._reset_counts()
@@ -128,10 +133,27 @@ class StepTimer:
         self.loss_tokens += int(loss_tokens)
         self.samples += int(samples)
 
+    def _summed_counts(self) -> None:
+        """Sum this step's counts over :attr:`count_group` (a collective: every rank calls end())."""
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError:  # pragma: no cover
+            return
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.count_group) == 1:
+            return
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend(self.count_group) == "nccl" else torch.device("cpu"))
+        t = torch.tensor([self.tokens, self.tokens_padded, self.loss_tokens, self.samples], dtype=torch.int64,
+                         device=device)
+        dist.all_reduce(t, group=self.count_group)
+        self.tokens, self.tokens_padded, self.loss_tokens, self.samples = (int(v) for v in t.tolist())
+
     def end(self, step: int, loss: Optional[float], lr: Optional[float],
             grad_norm: Optional[float] = None) -> StepRecord:
         _sync()
         now = time.perf_counter()
+        self._summed_counts()  # after the clock: the step's time is its own
         rec = StepRecord(step=int(step), loss=None if loss is None else float(loss),
                          lr=None if lr is None else float(lr),
                          step_time_s=now - (self._t_prev if self._t_prev is not None else now),

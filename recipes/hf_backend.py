@@ -22,7 +22,7 @@ from pathlib import Path
 
 import families
 from benchmarks.metrics import TB_DIR
-from recipes.config import ExperimentConfig, check_runs_on_cpu
+from recipes.config import ConfigError, ExperimentConfig, check_runs_on_cpu
 from recipes.fileio import write_text_atomic
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
 
@@ -43,7 +43,12 @@ def token_mean_loss_over_the_global_batch(trainer) -> bool:
 
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        out = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        # the count is the global batch's (average_tokens_across_devices) and DDP averages the ranks'
+        # gradients: scale back as transformers does for models that take the count themselves
+        if trainer.args.average_tokens_across_devices:
+            out = out * trainer.accelerator.num_processes
+        return out
     trainer.compute_loss_func = loss
     return True
 
@@ -51,6 +56,18 @@ def token_mean_loss_over_the_global_batch(trainer) -> bool:
 def hf_lora_targets(targets, family: str) -> list[str]:
     """peft ``target_modules`` for NeMo LoRA targets: the family's HF projections (q/k/v for linear_qkv...)."""
     return families.get(family).hf_lora_modules(targets)
+
+
+def hf_accumulation_steps(cfg: ExperimentConfig) -> int:
+    """Micro-batches per optimizer step on each HF process. The HF baseline is data parallel only: every one of
+    the ``train.num_devices * parallel.num_nodes`` processes (torchrun) is a data-parallel rank, whatever
+    tensor/pipeline layout the config gives NeMo, so the global batch is the config's on both backends."""
+    t, world = cfg.train, cfg.world_size
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*"
+                          f"processes={t.micro_batch_size}*{world}: the HF backend runs every process as a "
+                          "data-parallel rank")
+    return t.global_batch_size // (t.micro_batch_size * world)
 
 
 def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: bool) -> dict:
@@ -62,7 +79,7 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accumulation_steps,
+        gradient_accumulation_steps=hf_accumulation_steps(cfg),
         learning_rate=o.lr,
         lr_scheduler_type=HF_SCHEDULERS[o.scheduler],
         lr_scheduler_kwargs=sched_kwargs,
@@ -88,6 +105,9 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         dataloader_drop_last=True,  # like NeMo's sampler: every step sees a full global batch
+        # data parallel (torchrun): the per-token mean over the whole global batch, as in one process
+        # (else each rank divides by its own tokens and DDP averages the ranks' means)
+        average_tokens_across_devices=cfg.world_size > 1,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=False,
@@ -207,6 +227,11 @@ class HFRecipe:
         cuda = torch.cuda.is_available()
         if not cuda:
             check_runs_on_cpu(cfg)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 for a plain python -m
+        if processes != cfg.world_size:
+            raise ConfigError(f"train.num_devices*parallel.num_nodes={cfg.world_size} but this HF run has {processes} "
+                              f"process(es): launch it with torchrun --nproc-per-node {cfg.train.num_devices} (the "
+                              "global batch would be wrong otherwise), or set train.num_devices to match")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.output_dir / "resolved_config.yaml", cfg.to_yaml())
 

@@ -70,6 +70,9 @@ class MetricsCallback(Callback):
                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
             write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized():  # TP/PP ranks share micro-batches: sum over DP only
+            self.timer.count_group = parallel_state.get_data_parallel_group()
         self._start_mlflow_runs(trainer)
 
     def _start_mlflow_runs(self, trainer) -> None:

@@ -24,7 +24,7 @@ from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metr
 import families
 from convert import nemo_ckpt as nc
 from recipes import nemo_import as ni, nemo_metrics as nm, nemo_recipe as nr
-from recipes.config import load_config
+from recipes.config import ConfigError, load_config
 from recipes.hf_backend import HF_SCHEDULERS, hf_lora_targets, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +88,10 @@ def _hf_resolved(cfg) -> dict:
         warmup_steps=a["warmup_steps"], adam_beta1=a["adam_beta1"], adam_beta2=a["adam_beta2"],
         adam_eps=a["adam_epsilon"], weight_decay=a["weight_decay"], clip_grad=a["max_grad_norm"] or 0.0,
         max_steps=a["max_steps"], micro_batch_size=a["per_device_train_batch_size"],
-        global_batch_size=a["per_device_train_batch_size"] * a["gradient_accumulation_steps"] * cfg.data_parallel_size,
-        grad_accumulation_steps=a["gradient_accumulation_steps"], seq_length=a["max_seq_length"], seed=a["seed"],
+        # every HF process is a data-parallel rank (no tensor parallelism): its accumulation differs from
+        # NeMo's when TP/PP > 1, the global batch does not
+        global_batch_size=a["per_device_train_batch_size"] * a["gradient_accumulation_steps"] * cfg.world_size,
+        seq_length=a["max_seq_length"], seed=a["seed"],
         precision=precision, bf16=a["bf16"], fp16=a["fp16"], activation_checkpointing=a["gradient_checkpointing"])
 
 
@@ -110,6 +112,13 @@ def test_backends_get_identical_hyperparameters(config, overrides):
     cfg = load_config(config, list(overrides))
     cpu = cfg.train.precision == "fp32" and cfg.train.num_devices == 1  # as the recipe would run
     nemo = nr.optimizer_settings(cfg, cpu=cpu)
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * cfg.world_size):
+        # every HF process is a data-parallel rank: a global batch smaller than micro-batch x processes
+        # (70B full SFT on 32 GPUs with TP8 x PP4) cannot be the HF baseline's, and it says so
+        with pytest.raises(ConfigError, match="HF backend runs every process as a data-parallel rank"):
+            _hf_resolved(cfg)
+        assert cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size > 1
+        return
     hf = _hf_resolved(cfg)
     for key, value in hf.items():
         assert nemo[key] == value, f"{config.name} {overrides}: {key}: nemo {nemo[key]!r} != hf {value!r}"
@@ -203,7 +212,6 @@ def test_model_config_mirrors_hf_config_and_turns_fusions_off_on_cpu(tiny):
                     m.gradient_accumulation_fusion, m.bf16])
 
 
-
 def test_gpu_model_config_turns_off_only_the_kernels_this_host_lacks(tiny, capsys):
     """A CUDA host without Transformer Engine / Apex (the offline bundle's target): megatron-core 0.10 would
     stop on apply_rope_fusion, persist_layer_norm, masked_softmax_fusion, gradient_accumulation_fusion."""
@@ -225,12 +233,13 @@ def test_gpu_model_config_turns_off_only_the_kernels_this_host_lacks(tiny, capsy
     out = capsys.readouterr().out
     assert all(f"nemo: {k}=False on this host" in out for k in bare)
 
+
 def test_bad_settings_give_errors_naming_the_key_or_file(tmp_path):
     cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml")
     with pytest.raises(ValueError, match="train.precision"):
         nr.trainer_config(cfg.replace(**{"train.precision": "bf16-mixed"}), "/tmp/o", cpu=True)
-    with pytest.raises(ValueError, match="train.num_devices"):
-        nr.trainer_config(cfg.replace(**{"train.num_devices": "2"}), "/tmp/o", cpu=True)
+    with pytest.raises(ValueError, match="parallel.num_nodes=2: a CPU run uses processes on this machine"):
+        nr.trainer_config(cfg.replace(**{"parallel.num_nodes": "2"}), "/tmp/o", cpu=True)
     with pytest.raises(ValueError, match="train.packed_sequence"):
         nr.data_config(cfg.replace(**{"train.packed_sequence": "true", "train.micro_batch_size": "1"}), "/tmp/o",
                        cpu=False)
