@@ -332,10 +332,11 @@ def _check(obj, prefix: str, where: str) -> None:
 
 
 def check_runs_on_cpu(cfg: "ExperimentConfig") -> None:
-    """The rules for a run without a GPU, for every backend: one process, fp32. ConfigError otherwise."""
+    """The rules for a run without a GPU, for every backend: processes on this machine only (gloo;
+    ``train.num_devices`` of them, e.g. under torchrun), fp32. ConfigError otherwise."""
     t, p = cfg.train, cfg.parallel
-    if t.num_devices != 1 or p.num_nodes != 1:
-        raise ConfigError(f"train.num_devices={t.num_devices}, parallel.num_nodes={p.num_nodes}: a CPU run "
-                          "uses one process (set train.num_devices=1 and parallel.num_nodes=1)")
+    if p.num_nodes != 1:
+        raise ConfigError(f"parallel.num_nodes={p.num_nodes}: a CPU run uses processes on this machine "
+                          "(set parallel.num_nodes=1; train.num_devices processes, gloo)")
     if t.precision != "fp32":
         raise ConfigError(f"train.precision={t.precision} needs a GPU; use train.precision=fp32 on CPU")

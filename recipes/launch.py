@@ -148,7 +148,9 @@ def train(recipe, cpu: bool = False):
     """Entry point on every rank: the process setup ``recipes.nemo_backend.run`` does in-process
     (compat patches, safe globals for resuming), then the built ``llm.finetune`` partial."""
     from recipes import cpu_shim
+    from recipes.nemo_kernels import check_sequence_parallel
     cpu_shim.prepare_process(cpu=cpu)
+    check_sequence_parallel(recipe)
     return recipe()
 
 

@@ -23,6 +23,7 @@ from recipes.config import ExperimentConfig
 from recipes.cpu_shim import prepare_process
 from recipes.fileio import write_text_atomic
 from recipes.nemo_import import IMPORTERS, family_of, import_hf
+from recipes.nemo_kernels import check_sequence_parallel
 from recipes.nemo_recipe import build_recipe, last_checkpoint
 
 
@@ -44,6 +45,7 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     cpu = prepare_process()
     nemo_path = import_hf(cfg.model.hf_path, family=cfg.model.family)
     recipe = build_recipe(cfg, out, nemo_path=nemo_path, cpu=cpu)
+    check_sequence_parallel(recipe)
     write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
     write_text_atomic(out / "nemo_recipe.txt", str(recipe) + "\n")
     fdl.build(recipe)()

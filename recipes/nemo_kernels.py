@@ -16,6 +16,11 @@ megatron-core 0.10 stops on each setting whose compiled module is missing:
 :func:`missing_gpu_kernels` names the ones this host cannot run, with why; ``recipes.nemo_recipe`` turns
 those off on a GPU (the others, e.g. SwiGLU and bias-dropout fusion, are torch.jit code and stay on).
 Unfused kernels are slower: a smoke run on such a host says so in its report.
+
+Sequence parallelism cannot be turned off the same way (it is a layout choice): without Transformer Engine
+or Apex, the local spec's ``WrappedTorchNorm`` asserts "sequence parallel not supported by torch LayerNorm"
+(seen on a CPU with gloo at TP=2; gloo itself has the reduce-scatter in torch 2.13).
+:func:`check_sequence_parallel` refuses such a run before it starts, on every rank.
 """
 from __future__ import annotations
 
@@ -50,3 +55,14 @@ def missing_gpu_kernels(have: Callable[[str], bool] = importable,
     if not have("fused_weight_gradient_mlp_cuda"):
         off["gradient_accumulation_fusion"] = "no fused_weight_gradient_mlp_cuda (Apex)"
     return off
+
+
+def check_sequence_parallel(recipe, have: Callable[[str], bool] = importable) -> None:
+    """ValueError when ``recipe`` — the ``llm.finetune`` run.Partial, or the functools.partial NeMo-Run
+    builds from it on each rank — uses sequence parallelism on a host whose megatron-core layer spec
+    cannot run it (no Transformer Engine, no Apex: every CPU)."""
+    trainer = recipe.keywords["trainer"] if hasattr(recipe, "keywords") else recipe.trainer
+    if getattr(trainer.strategy, "sequence_parallel", False) and not (have("transformer_engine") or have("apex")):
+        raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or Apex on this host: without "
+                         "them megatron-core 0.10's local layer spec uses torch's norm, which asserts 'sequence "
+                         "parallel not supported by torch LayerNorm' (set parallel.sequence_parallel=false here)")
