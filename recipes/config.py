@@ -85,6 +85,10 @@ class TrainConfig:
     # NeMo only: pack several short sequences into one seq_length row (NeMo's packed SFT dataset).
     packed_sequence: bool = False
     warmup_steps_excluded: int = 1  # steps left out of step-time statistics
+    # HF: torch.distributed collectives give up after this many minutes instead of waiting on a dead rank
+    # (ddp_timeout). NeMo keeps torch's / megatron-core's 30: NeMo 2.1 cannot checkpoint a strategy given a
+    # timeout (recipes.nemo_recipe.strategy_config says why)
+    collective_timeout_min: int = 30
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,7 @@ def _check(obj, prefix: str, where: str) -> None:
                 raise ConfigError(f"{where}: {prefix}{n}: must be in [0, 1), got {getattr(obj, n)}")
     elif isinstance(obj, TrainConfig):
         _positive(obj, ["max_steps", "micro_batch_size", "global_batch_size", "seq_length", "log_every_n_steps",
-                        "num_devices"], prefix, where)
+                        "num_devices", "collective_timeout_min"], prefix, where)
         _positive(obj, ["val_check_interval", "limit_val_batches", "checkpoint_every_n_steps",
                         "warmup_steps_excluded"], prefix, where, allow_zero=True)
     elif isinstance(obj, ModelConfig):

@@ -108,6 +108,7 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         # data parallel (torchrun): the per-token mean over the whole global batch, as in one process
         # (else each rank divides by its own tokens and DDP averages the ranks' means)
         average_tokens_across_devices=cfg.world_size > 1,
+        ddp_timeout=t.collective_timeout_min * 60,  # seconds
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=False,

@@ -61,8 +61,9 @@ def check_sequence_parallel(recipe, have: Callable[[str], bool] = importable) ->
     """ValueError when ``recipe`` — the ``llm.finetune`` run.Partial, or the functools.partial NeMo-Run
     builds from it on each rank — uses sequence parallelism on a host whose megatron-core layer spec
     cannot run it (no Transformer Engine, no Apex: every CPU)."""
-    trainer = recipe.keywords["trainer"] if hasattr(recipe, "keywords") else recipe.trainer
-    if getattr(trainer.strategy, "sequence_parallel", False) and not (have("transformer_engine") or have("apex")):
+    trainer = recipe.keywords.get("trainer") if hasattr(recipe, "keywords") else getattr(recipe, "trainer", None)
+    strategy = getattr(trainer, "strategy", None)  # none: not an llm.finetune recipe, nothing to check
+    if getattr(strategy, "sequence_parallel", False) and not (have("transformer_engine") or have("apex")):
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or Apex on this host: without "
                          "them megatron-core 0.10's local layer spec uses torch's norm, which asserts 'sequence "
                          "parallel not supported by torch LayerNorm' (set parallel.sequence_parallel=false here)")

@@ -38,6 +38,7 @@ NEMO_SCHEDULERS = {"cosine": "CosineAnnealingScheduler", "linear": "WarmupAnneal
 SFT_DATASET_KWARGS = {"prompt_template": "{input}{output}", "label_key": "output", "truncation_field": "input",
                       "truncation_method": "right", "add_bos": False, "add_eos": True, "add_sep": False,
                       "answer_only_loss": True}
+UNFINISHED = "-unfinished"  # nemo.lightning.pytorch.callbacks.ModelCheckpoint.UNFINISHED_CHECKPOINT_SUFFIX
 CHECKPOINT_SUBDIR = "nemo"  # NeMoLogger name: checkpoints go to <output_dir>/nemo/checkpoints/
 
 
@@ -118,6 +119,9 @@ def strategy_config(parallel: ParallelConfig, cpu: bool):
         # CPU: no async/parallel writer threads and no device-side loading (they assume CUDA).
         ckpt_async_save=not cpu, ckpt_parallel_save=not cpu, ckpt_parallel_load=not cpu,
         ckpt_load_directly_on_device=not cpu, ddp="megatron", gradient_as_bucket_view=True)
+    # No timeout= here (train.collective_timeout_min is HF's only): NeMo 2.1 serializes the strategy's kwargs
+    # into every checkpoint's context and refuses a timedelta ("Unserializable value 0:30:00 ... at
+    # <root>.trainer.strategy.kwargs['timeout']"), so NeMo keeps torch's and megatron-core's 30 minutes.
 
 
 def trainer_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
@@ -314,9 +318,12 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def last_checkpoint(output_dir: str | Path) -> Path:
-    """The newest finished checkpoint of a run (highest step; ``-last`` preferred on ties)."""
+    """The newest finished checkpoint of a run (highest step; ``-last`` preferred on ties). One whose
+    ``<name>-unfinished`` marker is still there (NeMo's ModelCheckpoint writes it before saving and removes it
+    after; a run killed while saving leaves it) is not finished, whatever its directory holds."""
     d = checkpoint_dir(output_dir)
-    ckpts = [p for p in d.glob("*step=*") if p.is_dir() and (p / "weights").is_dir() and (p / "context").is_dir()]
+    ckpts = [p for p in d.glob("*step=*") if p.is_dir() and (p / "weights").is_dir() and (p / "context").is_dir()
+             and not p.with_name(p.name + UNFINISHED).exists()]
     if not ckpts:
         raise FileNotFoundError(f"{d}: no finished checkpoint")
     return max(ckpts, key=lambda p: (checkpoint_step(p), p.name.endswith("-last")))

@@ -115,6 +115,12 @@ def test_sequence_parallel_is_refused_before_a_run_without_te_or_apex():
     with pytest.raises(ValueError, match="sequence parallel not supported by torch LayerNorm"):
         check_sequence_parallel(recipe)
     check_sequence_parallel(recipe, have=lambda m: m == "transformer_engine")  # the container: runs
+    # what each rank gets from NeMo-Run (recipes.launch.train): the built partial, checked the same way
+    import functools
+    from types import SimpleNamespace
+    built = functools.partial(print, trainer=SimpleNamespace(strategy=SimpleNamespace(sequence_parallel=True)))
+    with pytest.raises(ValueError, match="needs Transformer Engine or Apex"):
+        check_sequence_parallel(built)
     check_sequence_parallel(nr.build_recipe(load_config(CONFIG), "/tmp/o", cpu=True, with_model=False))
 
 
@@ -126,3 +132,68 @@ def test_hf_refuses_a_process_count_that_is_not_the_configs(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="has 1 process"):
         HFRecipe(cfg).setup()
     assert not (tmp_path / "resolved_config.yaml").exists()
+
+
+def test_a_checkpoint_with_its_unfinished_marker_is_not_finished(tmp_path):
+    from recipes import nemo_recipe as nr
+    d = nr.checkpoint_dir(tmp_path)
+    for name in ("step=1", "step=3"):
+        (d / name / "weights").mkdir(parents=True)
+        (d / name / "context").mkdir()
+    (d / "step=3-unfinished").touch()  # killed while saving step 3
+    assert nr.last_checkpoint(tmp_path).name == "step=1"
+    (d / "step=3-unfinished").unlink()
+    assert nr.last_checkpoint(tmp_path).name == "step=3"
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_quickly_and_leaves_no_finished_run(one_nemo, inputs, tmp_path):
+    """SIGKILL of rank 1 mid-run: torchrun ends rank 0 too, within seconds, with an error naming the rank; the
+    metrics that were written are whole steps, and no checkpoint passes for a finished one."""
+    import time
+
+    import psutil
+    from recipes import nemo_recipe as nr
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "recipes.finetune", "--config", str(CONFIG), "--backend", "nemo", "--output", str(out),
+           f"model.hf_path={inputs / 'model'}", f"data.dataset_dir={inputs / 'data'}", "train.max_steps=400",
+           "train.num_devices=2", *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+            time.sleep(0.5)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None and "recipes.finetune" in child.cmdline():
+                ranks[rank] = child
+        assert set(ranks) == {"0", "1"}, ranks
+        ranks["1"].kill()
+        t_kill = time.monotonic()
+        output, _ = proc.communicate(timeout=120)
+        ended_after = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"killed rank 1: the run ended {ended_after:.1f} s later, exit status {proc.returncode}")
+    assert proc.returncode != 0 and ended_after < 60, (proc.returncode, ended_after)
+    assert "rank" in output and ("SIGKILL" in output or "Signal 9" in output), output[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # whole lines only
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and len(records) < 400
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        nr.last_checkpoint(out)
+
+
+def test_collective_timeout_reaches_the_hf_backend():
+    from recipes.hf_backend import training_arguments
+    cfg = load_config(CONFIG, ["train.collective_timeout_min=7"])
+    assert training_arguments(cfg, "/tmp/o", use_cpu=True)["ddp_timeout"] == 420
+    with pytest.raises(ConfigError, match="train.collective_timeout_min"):
+        load_config(CONFIG, ["train.collective_timeout_min=0"])
