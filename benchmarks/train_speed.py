@@ -69,13 +69,24 @@ def _git_commit() -> Optional[str]:
 # running
 
 
+def backend_command(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
+                    processes: int = 1) -> list[str]:
+    """``python -m recipes.finetune`` for one backend. HF with several processes on this machine goes through
+    torchrun (every process a data-parallel rank); NeMo's Lightning trainer starts its own processes."""
+    cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(config), "--backend", backend,
+           "--output", str(run_dir), *overrides]
+    if backend == "hf" and processes > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return cmd
+
+
 def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
-                interval_s: float = 0.5, inputs: Optional[dict] = None, log_to_console: bool = False) -> dict:
+                interval_s: float = 0.5, inputs: Optional[dict] = None, log_to_console: bool = False,
+                processes: int = 1) -> dict:
     """Train one backend in a subprocess with the sampler watching it; writes bench_run.json (last)
     into ``run_dir`` and returns it. ``inputs``: data/model fingerprints taken before the run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(config), "--backend", backend,
-           "--output", str(run_dir), *overrides]
+    cmd = backend_command(config, backend, run_dir, overrides, processes)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     for b, d in zip(backends, run_dirs):
         if d.exists():
             shutil.rmtree(d)
-        info = run_backend(args.config, b, d, overrides, args.interval, inputs, log_to_console=args.verbose)
+        info = run_backend(args.config, b, d, overrides, args.interval, inputs, log_to_console=args.verbose,
+                           processes=cfg.train.num_devices if cfg.parallel.num_nodes == 1 else 1)
         print(f"[bench] {b}: {info['status']} in {info['wall_s']:.1f} s, {info['sampler']['n_samples']} samples",
               flush=True)
         if info["status"] != "ok":

@@ -104,7 +104,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    # Only used by the NeMo backend (the HF baseline is single-device data parallel).
+    # Only used by the NeMo backend (the HF baseline runs every process as a data-parallel rank).
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None

@@ -110,6 +110,9 @@ def strategy_config(parallel: ParallelConfig, cpu: bool):
     import torch
     from nemo import lightning as nl
 
+    # No timeout= here (train.collective_timeout_min is HF's only): NeMo 2.1 serializes the strategy's kwargs
+    # into every checkpoint's context and refuses a timedelta ("Unserializable value 0:30:00 ... at
+    # <root>.trainer.strategy.kwargs['timeout']"), so NeMo keeps torch's and megatron-core's 30 minutes.
     return run.Config(
         nl.MegatronStrategy, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -119,9 +122,6 @@ def strategy_config(parallel: ParallelConfig, cpu: bool):
         # CPU: no async/parallel writer threads and no device-side loading (they assume CUDA).
         ckpt_async_save=not cpu, ckpt_parallel_save=not cpu, ckpt_parallel_load=not cpu,
         ckpt_load_directly_on_device=not cpu, ddp="megatron", gradient_as_bucket_view=True)
-    # No timeout= here (train.collective_timeout_min is HF's only): NeMo 2.1 serializes the strategy's kwargs
-    # into every checkpoint's context and refuses a timedelta ("Unserializable value 0:30:00 ... at
-    # <root>.trainer.strategy.kwargs['timeout']"), so NeMo keeps torch's and megatron-core's 30 minutes.
 
 
 def trainer_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):

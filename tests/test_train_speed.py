@@ -148,3 +148,14 @@ def test_real_benchmark_of_both_backends(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "Training benchmark (CPU)" in report and "t_hf / t_nemo" in report
     assert all((out / p).is_file() for p in ("step_time.png", "utilization.png", "memory.png", "loss.png"))
+
+
+def test_hf_with_several_processes_goes_through_torchrun(tmp_path):
+    from benchmarks.train_speed import backend_command
+    one = backend_command("c.yaml", "hf", tmp_path, ["train.max_steps=2"])
+    assert one[1:3] == ["-m", "recipes.finetune"] and one[-1] == "train.max_steps=2"
+    two = backend_command("c.yaml", "hf", tmp_path, [], processes=2)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert two[5:7] == ["-m", "recipes.finetune"]
+    # NeMo's Lightning trainer starts its own processes from train.num_devices
+    assert backend_command("c.yaml", "nemo", tmp_path, [], processes=2)[1:3] == ["-m", "recipes.finetune"]
