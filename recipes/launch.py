@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -336,17 +337,20 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         print(f"error: {cfg.model.hf_path}/config.json is not visible on this machine; the recipe is built here and "
               "used unchanged in the container, so the model dir must exist at the same path on both", file=sys.stderr)
         return 2
+    cpu = False  # Slurm: the ranks run on the cluster's GPU nodes, whatever the submitting machine has
     if isinstance(executor, run.LocalExecutor):
         from recipes.inputs import ensure_inputs
         ensure_inputs(cfg)  # prepared data (model dirs are never built for production configs)
-        cpu_shim.prepare_process(cpu=False)
+        cpu = cpu_shim.prepare_process()  # torchrun here: the ranks have what this machine has (gloo on a CPU)
+        if shutil.which("torchrun") is None:  # NeMo-Run calls it by name: this python's, venv not activated
+            os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         nemo_path = nemo_import.import_hf(cfg.model.hf_path, family=cfg.model.family)  # cached
     elif not nemo_import.import_is_complete(cfg.model.hf_path, nemo_path):
         print(f"error: {nemo_path} is not a finished import of {cfg.model.hf_path}; run `python -m "
               f"recipes.nemo_backend import {cfg.model.hf_path} --family {cfg.model.family}` in the container first",
               file=sys.stderr)
         return 2
-    task, _ = launch_task(cfg, cpu=False, nemo_path=str(nemo_path))
+    task, _ = launch_task(cfg, cpu=cpu, nemo_path=str(nemo_path))
     out = Path(cfg.output_dir).absolute()
     write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
     write_text_atomic(out / "nemo_recipe.txt", str(task) + "\n")

@@ -81,6 +81,15 @@ def test_nemo_data_parallel_matches_one_process(one_nemo, inputs, tmp_path_facto
 
 
 @pytest.mark.slow
+def test_nemo_run_local_executor_launches_the_same_data_parallel_run(one_nemo, inputs, tmp_path_factory):
+    """The launcher a DGX uses: `--executor local` is NeMo-Run's LocalExecutor with torchrun (here with gloo and
+    the CPU recipe on every rank)."""
+    many = _finetune("nemo", tmp_path_factory.mktemp("nemo_run_local") / "run", inputs, nproc=1,
+                     extra=["train.num_devices=2", "--executor", "local"])
+    assert_same_steps(one_nemo[1], many, loss_tol=1e-5)
+
+
+@pytest.mark.slow
 def test_nemo_tensor_parallel_matches_one_process(one_nemo, inputs, tmp_path_factory):
     many = _finetune("nemo", tmp_path_factory.mktemp("nemo_tp") / "run", inputs, nproc=2,
                      extra=["parallel.tensor_model_parallel_size=2"])
