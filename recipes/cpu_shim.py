@@ -374,12 +374,20 @@ def is_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def set_rendezvous_default(environ) -> None:
+    """MASTER_ADDR=127.0.0.1 (single-node torch.distributed rendezvous) unless given, or unless this is a Slurm
+    task (SLURM_NTASKS set): there Lightning's SLURMEnvironment takes the job's first node from SLURM_NODELIST,
+    and 127.0.0.1 would give every node of a multi-node job a rendezvous of its own."""
+    if "SLURM_NTASKS" not in environ:
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
 def prepare_process(cpu: Optional[bool] = None, exclude_patches: tuple[str, ...] = ()) -> bool:
     """Environment for NeMo in this process; applies the CPU shim when there is no CUDA (all patches but
     ``exclude_patches``, which only tests use). Returns cpu."""
     cpu = is_cpu() if cpu is None else cpu
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # single-node torch.distributed rendezvous
+    set_rendezvous_default(os.environ)
     # torch >= 2.6 loads with weights_only=True; NeMo 2.1 checkpoints (common.pt) pickle pathlib
     # paths, so resuming fails with "Unsupported global: GLOBAL pathlib.PosixPath" without this.
     import pathlib

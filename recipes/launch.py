@@ -10,7 +10,12 @@
 - :func:`slurm_executor` — ``run.SlurmExecutor`` as in the quickstart's ``slurm_executor``: one task per
   GPU, whole nodes (``exclusive``, ``mem=0``, ``gres=gpu:N``), the ``nvcr.io/nvidia/nemo:24.12``
   container through Pyxis, container mounts, the committed code shipped with ``GitArchivePackager``
-  (or already in the image built from ``Dockerfile.nemo``: ``--packager none``), a local or SSH tunnel;
+  (or already in the image built from ``Dockerfile.nemo``: ``--packager none``), a local or SSH tunnel.
+  ``--gpus-per-node 0`` (the default for a CPU config: fp32 on one device) makes it a CPU job: one task per
+  ``train.num_devices``, no GPU request, the CPU recipe (gloo) on every rank. ``--container-image none``
+  runs the ranks without a container: with the submitting python's environment (its bin dir first on
+  ``PATH``), NeMo-Run's Pyxis options taken off the ``srun`` line (:data:`HOST_SRUN`); this is how
+  ``tests/test_slurm.py`` runs real jobs on a one-node Slurm;
 - :func:`launch_task` — what each rank runs: ``run.Partial(train, recipe=<the llm.finetune recipe of
   recipes.nemo_backend>)``; :func:`train` applies the process setup of ``recipes.cpu_shim.prepare_process``
   (``cpu_shim.apply_compat``: NeMo 2.1 resume fixes) on every rank before calling the recipe;
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -40,6 +46,35 @@ from recipes.config import ExperimentConfig
 from recipes.fileio import write_text_atomic
 
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:24.12"
+NO_CONTAINER = "none"  # --container-image none: the ranks run on the node itself (HOST_SRUN)
+# NeMo-Run 0.3.0 writes every srun line for Pyxis: `--container-image IMG` (only with an image), always
+# `--container-mounts ...,<job dir>:/nemo_run --container-workdir /nemo_run/code`, and the task's config
+# as /nemo_run/configs/<name>_fn_or_script. Without Pyxis srun refuses those options, so with
+# --container-image none the sbatch script (setup_lines, before the srun lines) defines this srun: it drops
+# the container options and does what the mounts would do, by path: an argument under a mount's container
+# path is rewritten to the host path (there is no other mount without a container: --mount is refused), and
+# the container workdir becomes srun's --chdir.
+HOST_SRUN = r"""# no container (recipes.launch.HOST_SRUN): NeMo-Run's Pyxis options become host paths
+srun() {
+    local args=() from=() to=() m i a s d
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --container-image) shift 2 ;;
+            --container-mounts)
+                IFS=, read -ra m <<< "$2"
+                for i in "${m[@]}"; do IFS=: read -r s d _ <<< "$i"; from+=("$d"); to+=("$s"); done
+                shift 2 ;;
+            --container-workdir) args+=(--chdir "$2"); shift 2 ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    for a in "${!args[@]}"; do
+        for i in "${!from[@]}"; do
+            case "${args[$a]}" in "${from[$i]}"|"${from[$i]}"/*) args[$a]="${to[$i]}${args[$a]#"${from[$i]}"}" ;; esac
+        done
+    done
+    command srun "${args[@]}"
+}"""
 DEFAULT_TIME = "04:00:00"
 # The environment NeMo 2's quickstart and scripts/performance executors set for every rank, plus this
 # project's rule that nothing is fetched from a model hub at run time.
@@ -105,24 +140,40 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
     """``run.SlurmExecutor`` for this config, set up like NeMo 2's quickstart ``slurm_executor``.
 
     ``nodes``/``gpus_per_node`` default to ``parallel.num_nodes``/``train.num_devices`` and must equal
-    them (the recipe's trainer is built from the config). ``tunnel`` is "local" (submitting from a
-    login node; ``job_dir`` defaults to ``<output_dir>/nemo_run``, which must be on shared storage)
-    or "ssh" (``ssh_host``, ``ssh_user`` and the remote ``job_dir`` required). ``packager`` "git"
-    ships the committed code (``GitArchivePackager``), "none" expects it in the image.
+    them (the recipe's trainer is built from the config). ``gpus_per_node=0`` (the default for a CPU config,
+    :func:`targets_gpu` false) is a CPU job: ``train.num_devices`` tasks per node and no GPU, memory or
+    exclusive-node request. ``tunnel`` is "local" (submitting from a login node; ``job_dir`` defaults to
+    ``<output_dir>/nemo_run``, which must be on shared storage; NeMo-Run's experiment dir is
+    ``<job_dir>/experiments/<name>/<id>``, see :func:`experiment_base_dir`) or "ssh" (``ssh_host``,
+    ``ssh_user`` and the remote ``job_dir`` required). ``packager`` "git" ships the committed code
+    (``GitArchivePackager``), "none" expects it in the image or, with ``container_image="none"``, at the
+    same path on the nodes as here. ``container_image="none"``: no container; the ranks run
+    the submitting python (its bin dir is put first on ``PATH``) and the sbatch script's srun drops the
+    Pyxis options (:data:`HOST_SRUN`).
     """
     import nemo_run as run
 
     if not account or not partition:
         raise LaunchError("--executor slurm needs --account and --partition")
     nodes = nodes or cfg.parallel.num_nodes
-    gpus = gpus_per_node or cfg.train.num_devices
-    if nodes != cfg.parallel.num_nodes or gpus != cfg.train.num_devices:
+    gpus = (cfg.train.num_devices if targets_gpu(cfg) else 0) if gpus_per_node is None else gpus_per_node
+    if gpus < 0:
+        raise LaunchError(f"--gpus-per-node {gpus}: expected 0 (a CPU job) or more")
+    if nodes != cfg.parallel.num_nodes or gpus not in (0, cfg.train.num_devices):
         raise LaunchError(f"--nodes {nodes} --gpus-per-node {gpus} differ from the config's parallel.num_nodes="
                           f"{cfg.parallel.num_nodes} x train.num_devices={cfg.train.num_devices}; the trainer is built "
                           f"from the config, so override it instead (parallel.num_nodes={nodes} "
-                          f"train.num_devices={gpus})")
+                          f"train.num_devices={gpus}), or give --gpus-per-node 0 for a CPU job")
+    no_container = container_image in (None, "", NO_CONTAINER)
+    if no_container and mounts:
+        raise LaunchError(f"--mount {mounts[0]!r} with --container-image {NO_CONTAINER}: without a container "
+                          "nothing is mounted; the paths must exist on the nodes as they are")
     if tunnel == "local":
-        tun = run.LocalTunnel(job_dir=job_dir or str(Path(cfg.output_dir).absolute() / "nemo_run"))
+        base = Path(job_dir or Path(cfg.output_dir).absolute() / "nemo_run").absolute()
+        # NeMo-Run 0.3.0 submits <tunnel job dir>/<name>/<id>/<job>_sbatch.sh but writes it into its experiment
+        # dir, <base_dir>/experiments/<name>/<id>: they are one directory only when the tunnel's job_dir is
+        # <base_dir>/experiments (run_with_executor creates the experiment with base_dir=experiment_base_dir())
+        tun = run.LocalTunnel(job_dir=str(base / "experiments"))
     elif tunnel == "ssh":
         if not (ssh_host and ssh_user and job_dir):
             raise LaunchError("--tunnel ssh needs --ssh-host, --ssh-user and --job-dir (a directory on the cluster)")
@@ -132,13 +183,40 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
     packagers = {"git": run.GitArchivePackager, "none": run.Packager}
     if packager not in packagers:
         raise LaunchError(f"--packager {packager!r}: expected one of {sorted(packagers)}")
-    executor = run.SlurmExecutor(
-        account=account, partition=partition, tunnel=tun, nodes=nodes, ntasks_per_node=gpus, gpus_per_node=gpus,
-        mem="0", exclusive=True, gres=f"gpu:{gpus}", time=time, packager=packagers[packager]())
-    executor.container_image = container_image
-    executor.container_mounts = _check_mounts(mounts)
-    executor.env_vars = _env(env_vars)
+    if gpus:
+        executor = run.SlurmExecutor(
+            account=account, partition=partition, tunnel=tun, nodes=nodes, ntasks_per_node=gpus, gpus_per_node=gpus,
+            mem="0", exclusive=True, gres=f"gpu:{gpus}", time=time, packager=packagers[packager]())
+    else:  # CPU job: one task per configured device (gloo), whatever GPUs the nodes have
+        executor = run.SlurmExecutor(account=account, partition=partition, tunnel=tun, nodes=nodes,
+                                     ntasks_per_node=cfg.train.num_devices, time=time, packager=packagers[packager]())
+    env = dict(env_vars or {})
+    if no_container:
+        executor.container_image = None
+        executor.container_mounts = []
+        executor.setup_lines = HOST_SRUN
+        # `python -m nemo_run.core.runners.fdl_runner` on every rank: this python (e.g. the project's venv,
+        # not activated); $PATH is expanded on the node
+        env = {"PATH": f"{Path(sys.executable).parent}:$PATH", **env}
+    else:
+        executor.container_image = container_image
+        executor.container_mounts = _check_mounts(mounts)
+    executor.env_vars = _env(env)
     return executor
+
+
+def slurm_is_cpu(executor) -> bool:
+    """True for the CPU job :func:`slurm_executor` builds with ``gpus_per_node=0`` (no GPU requested)."""
+    return not executor.gpus_per_node and not executor.gres
+
+
+def experiment_base_dir(executor) -> Optional[str]:
+    """The NeMo-Run ``base_dir`` under which a local tunnel finds the experiment's files (None: NEMORUN_HOME)."""
+    import nemo_run as run
+    tunnel = getattr(executor, "tunnel", None)
+    if isinstance(tunnel, run.LocalTunnel) and Path(tunnel.job_dir).name == "experiments":
+        return str(Path(tunnel.job_dir).parent)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +313,8 @@ def dry_run(cfg: ExperimentConfig, executor=None, gpu_memory_gb: float = 80.0) -
     from recipes.validate import report
 
     cpu = not targets_gpu(cfg)
+    if isinstance(executor, run.SlurmExecutor):
+        cpu = slurm_is_cpu(executor)  # the job asks for GPUs or not (--gpus-per-node 0)
     text, problems = report(cfg, gpu_memory_gb)
     task, note = launch_task(cfg, cpu=cpu)
     nemo_path = nemo_import.default_nemo_path(cfg.model.hf_path)
@@ -247,7 +327,7 @@ def dry_run(cfg: ExperimentConfig, executor=None, gpu_memory_gb: float = 80.0) -
     parts.append(str(task))
     if executor is not None:
         parts += ["", f"# executor: {type(executor).__name__}", executor_script(task, executor, name=cfg.name)]
-        if isinstance(executor, run.SlurmExecutor):
+        if isinstance(executor, run.SlurmExecutor) and executor.container_image:
             missing = uncovered_paths(_recipe_paths(cfg), executor.container_mounts)
             if missing:
                 parts.append("# WARNING: not mounted at the same path in the container (add --mount P:P): "
@@ -265,12 +345,16 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["local", "slurm"],
                    help="run the NeMo recipe through NeMo-Run: torchrun on this machine, or sbatch on Slurm")
     g.add_argument("--nodes", type=int, help="Slurm nodes (default and required value: parallel.num_nodes)")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default and required value: train.num_devices)")
+    g.add_argument("--gpus-per-node", type=int,
+                   help="GPUs per node (default and required value: train.num_devices; for Slurm 0 is a CPU job, "
+                        "one task per train.num_devices with the CPU recipe, the default for a CPU config)")
     g.add_argument("--account", help="Slurm account")
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--time", default=DEFAULT_TIME, help="Slurm time limit (default: %(default)s)")
     g.add_argument("--container-image", default=DEFAULT_CONTAINER_IMAGE,
-                   help="container for Slurm (Pyxis) (default: %(default)s; or your image built from Dockerfile.nemo)")
+                   help="container for Slurm (Pyxis) (default: %(default)s; or your image built from Dockerfile.nemo); "
+                        f"'{NO_CONTAINER}': no container, the ranks run this python (its venv) and the code at the "
+                        "same paths on the nodes")
     g.add_argument("--mount", action="append", default=[], metavar="SRC:DST",
                    help="container mount, repeatable; mount model/data/output dirs at the same path")
     g.add_argument("--tunnel", choices=["local", "ssh"], default="local",
@@ -279,7 +363,8 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ssh-user", help="cluster user (--tunnel ssh)")
     g.add_argument("--job-dir", help="NeMo-Run job dir on the cluster (default with --tunnel local: <output_dir>/nemo_run)")
     g.add_argument("--packager", choices=["git", "none"], default="git",
-                   help="ship the committed code with the job (git), or use the code in the image (none)")
+                   help="ship the committed code with the job (git), or use the code in the image (none; with "
+                        f"--container-image {NO_CONTAINER}: the code at the same path on the nodes)")
     g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable, repeatable")
 
 
@@ -332,18 +417,27 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         print(f"error: {cfg.name}: " + "\n  - ".join(["the config cannot run:", *problems]), file=sys.stderr)
         return 1
     nemo_path = nemo_import.default_nemo_path(cfg.model.hf_path)
+    slurm = isinstance(executor, run.SlurmExecutor)
+    slurm_cpu = slurm and slurm_is_cpu(executor)
+    if slurm_cpu:
+        # a CPU job: the inputs (model dir from a preset, prepared data) and the NeMo import are made here, before
+        # sbatch, as for the local executor; the ranks only read them (same paths on the nodes)
+        from recipes.inputs import ensure_inputs
+        ensure_inputs(cfg)
     if not (Path(cfg.model.hf_path) / "config.json").is_file():
         # the model section of the recipe is built from it here, on the submitting machine
         print(f"error: {cfg.model.hf_path}/config.json is not visible on this machine; the recipe is built here and "
               "used unchanged in the container, so the model dir must exist at the same path on both", file=sys.stderr)
         return 2
-    cpu = False  # Slurm: the ranks run on the cluster's GPU nodes, whatever the submitting machine has
+    cpu = slurm_cpu  # Slurm: what the job asked for (GPUs or not), whatever the submitting machine has
     if isinstance(executor, run.LocalExecutor):
         from recipes.inputs import ensure_inputs
         ensure_inputs(cfg)  # prepared data (model dirs are never built for production configs)
         cpu = cpu_shim.prepare_process()  # torchrun here: the ranks have what this machine has (gloo on a CPU)
         if shutil.which("torchrun") is None:  # NeMo-Run calls it by name: this python's, venv not activated
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        nemo_path = nemo_import.import_hf(cfg.model.hf_path, family=cfg.model.family)  # cached
+    elif slurm_cpu:
         nemo_path = nemo_import.import_hf(cfg.model.hf_path, family=cfg.model.family)  # cached
     elif not nemo_import.import_is_complete(cfg.model.hf_path, nemo_path):
         print(f"error: {nemo_path} is not a finished import of {cfg.model.hf_path}; run `python -m "
@@ -354,6 +448,24 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     out = Path(cfg.output_dir).absolute()
     write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
     write_text_atomic(out / "nemo_recipe.txt", str(task) + "\n")
-    slurm = isinstance(executor, run.SlurmExecutor)
-    run.run(task, executor=executor, name=cfg.name, detach=slurm, tail_logs=not slurm)
+    if not slurm:
+        run.run(task, executor=executor, name=cfg.name, tail_logs=True)
+        return 0
+    # run.run(..., detach=True) as an Experiment of our own: its base_dir (see experiment_base_dir) and the
+    # Slurm job id to report
+    from nemo_run.config import NEMORUN_HOME
+    os.makedirs(NEMORUN_HOME, exist_ok=True)  # NeMo-Run 0.3.0 appends the job to $NEMORUN_HOME/.slurm_jobs after sbatch
+    with run.Experiment(cfg.name, executor=executor, base_dir=experiment_base_dir(executor)) as exp:
+        exp.add(task, name=cfg.name, tail_logs=False)
+        exp.run(detach=True)
+    job = exp.jobs[0]
+    job_id = str(job.handle).rstrip("/").rsplit("/", 1)[-1]
+    ex = job.executor
+    log = str(ex.job_details.srun_stdout).replace("%j", job_id).replace("${SLURM_RESTART_COUNT:-0}", "0")
+    write_text_atomic(out / "slurm_job.json", json.dumps(
+        {"job_id": job_id, "experiment_id": exp._id, "handle": str(job.handle), "log": log,
+         "batch_log": str(ex.job_details.stdout).replace("%j", job_id),
+         "sbatch_script": str(Path(ex.tunnel.job_dir) / f"{ex.job_name}_sbatch.sh")}, indent=2) + "\n")
+    print(f"submitted: Slurm job {job_id} (NeMo-Run experiment {exp._id}); its log on the cluster: {log} "
+          f"(`squeue -j {job_id}`, `scontrol show job {job_id}`); {out / 'slurm_job.json'}")
     return 0

@@ -55,7 +55,10 @@ def test_slurm_executor_like_the_nemo_quickstart(tmp_path):
     assert (ex.account, ex.partition, ex.nodes, ex.ntasks_per_node, ex.gpus_per_node) == ("acct", "batch", 4, 8, 8)
     assert ex.container_image == "nvcr.io/nvidia/nemo:24.12" and ex.container_mounts == ["/lustre:/lustre"]
     assert ex.exclusive is True and ex.mem == "0" and ex.gres == "gpu:8"
-    assert isinstance(ex.tunnel, run.LocalTunnel) and ex.tunnel.job_dir == str(tmp_path / "run" / "nemo_run")
+    # NeMo-Run's experiment dir is <job dir>/experiments/<name>/<id> (run_with_executor's base_dir): the local
+    # tunnel's job dir must be <base_dir>/experiments, where NeMo-Run 0.3.0 writes the sbatch script it submits
+    assert isinstance(ex.tunnel, run.LocalTunnel) and ex.tunnel.job_dir == str(tmp_path / "run" / "nemo_run" / "experiments")
+    assert launch.experiment_base_dir(ex) == str(tmp_path / "run" / "nemo_run") and not launch.slurm_is_cpu(ex)
     assert isinstance(ex.packager, run.GitArchivePackager)
     assert isinstance(launch.slurm_executor(cfg, account="a", partition="p", packager="none").packager, run.Packager)
     ssh = launch.slurm_executor(cfg, account="a", partition="p", tunnel="ssh", ssh_host="login", ssh_user="me",
@@ -73,6 +76,60 @@ def test_slurm_executor_like_the_nemo_quickstart(tmp_path):
 def test_slurm_executor_rejects_inconsistent_options(kwargs, message):
     with pytest.raises(launch.LaunchError, match=message.replace("(", r"\(").replace(")", r"\)")):
         launch.slurm_executor(cfg_of("swallow_70b_sft"), **kwargs)
+
+
+def test_slurm_cpu_job_without_a_container(tmp_path):
+    """A CPU config (fp32, one device) is a CPU job: no GPU, memory or exclusive-node request; --container-image
+    none takes the container off and puts this python's bin dir first on the job's PATH."""
+    import sys
+    cfg = cfg_of("tiny_lora", f"output_dir={tmp_path / 'run'}")
+    ex = launch.slurm_executor(cfg, account="a", partition="cpu", container_image="none", packager="none")
+    assert (ex.nodes, ex.ntasks_per_node, ex.gpus_per_node, ex.gres, ex.mem, ex.exclusive) == (1, 1, None, None, None, None)
+    assert ex.container_image is None and ex.container_mounts == [] and ex.setup_lines == launch.HOST_SRUN
+    assert ex.env_vars["PATH"] == f"{Path(sys.executable).parent}:$PATH" and launch.slurm_is_cpu(ex)
+    # --gpus-per-node 0: any config as a CPU job, one task per train.num_devices
+    two = launch.slurm_executor(cfg_of("tiny_lora", "train.num_devices=2"), account="a", partition="p", gpus_per_node=0)
+    assert two.ntasks_per_node == 2 and launch.slurm_is_cpu(two) and two.container_image == launch.DEFAULT_CONTAINER_IMAGE
+    # a GPU config keeps the GPU job unless asked
+    assert launch.slurm_executor(cfg_of("swallow_8b_lora"), account="a", partition="p").gres == "gpu:8"
+    with pytest.raises(launch.LaunchError, match="--mount '/a:/a' with --container-image none: without a container"):
+        launch.slurm_executor(cfg, account="a", partition="p", container_image="none", mounts=["/a:/a"])
+    with pytest.raises(launch.LaunchError, match="--gpus-per-node -1: expected 0"):
+        launch.slurm_executor(cfg, account="a", partition="p", gpus_per_node=-1)
+    with pytest.raises(launch.LaunchError, match="or give --gpus-per-node 0 for a CPU job"):
+        launch.slurm_executor(cfg_of("swallow_8b_lora"), account="a", partition="p", gpus_per_node=4)
+
+
+def test_host_srun_turns_the_pyxis_options_into_host_paths(tmp_path):
+    """HOST_SRUN in bash, in front of an `srun` that prints its arguments: the srun line NeMo-Run writes
+    (tests/test_slurm.py runs it under a real Slurm)."""
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    script = launch.HOST_SRUN + """
+srun --output /j/log-x_%j.out --container-image img --container-mounts /jobs/e/x:/nemo_run,/same:/same \\
+    --container-workdir /nemo_run/code --wait=60 --kill-on-bad-exit=1 python -m m -n x /nemo_run/configs/x_fn "a b"
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                       env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=True)
+    assert r.stdout.splitlines() == ["--output", "/j/log-x_%j.out", "--chdir", "/jobs/e/x/code", "--wait=60",
+                                     "--kill-on-bad-exit=1", "python", "-m", "m", "-n", "x",
+                                     "/jobs/e/x/configs/x_fn", "a b"]
+
+
+def test_set_rendezvous_default_leaves_a_slurm_task_to_lightning():
+    from recipes.cpu_shim import set_rendezvous_default
+    env = {}
+    set_rendezvous_default(env)
+    assert env == {"MASTER_ADDR": "127.0.0.1"}
+    env = {"SLURM_NTASKS": "16", "SLURM_NODELIST": "dgx[01-02]"}  # a 2-node job: dgx01 is the address
+    set_rendezvous_default(env)
+    assert "MASTER_ADDR" not in env
+    env = {"MASTER_ADDR": "10.0.0.1"}
+    set_rendezvous_default(env)
+    assert env == {"MASTER_ADDR": "10.0.0.1"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +154,20 @@ def test_executor_script_renders_the_sbatch_script(tmp_path):
     assert _leftover_dryrun_dirs() == before  # the temporary NeMo-Run home is removed
     assert ex.job_dir == ""  # the caller's executor is untouched (a clone was assigned to the dry-run experiment)
     assert not (tmp_path / "run").exists()  # nothing written where a real launch would write
+
+
+def test_executor_script_renders_a_cpu_job_without_a_container(tmp_path):
+    cfg = cfg_of("tiny_lora", f"output_dir={tmp_path / 'run'}", "train.num_devices=2")
+    ex = launch.slurm_executor(cfg, account="acct", partition="cpu", gpus_per_node=0, container_image="none",
+                               packager="none")
+    script = launch.executor_script(run.Partial(_task_fn), ex, name="tiny_lora")
+    assert "#SBATCH --ntasks-per-node=2" in script and "--kill-on-bad-exit=1" in script
+    for absent in ("--gpus-per-node", "--gres", "--mem", "--exclusive"):
+        assert absent not in script, absent
+    assert "--container-image " not in script.split("# Command 1")[1]  # no image on NeMo-Run's srun line
+    # the srun function is defined before NeMo-Run's srun line, after its `srun ... hostname` (plain srun)
+    assert script.index("srun() {") < script.index("# Command 1") and script.index("hostname") < script.index("srun() {")
+    assert f"export PATH={Path(__import__('sys').executable).parent}:$PATH" in script
 
 
 def test_executor_script_renders_the_torchrun_command():
