@@ -17,7 +17,7 @@ GPU_BUNDLE ?= dist/gpu-bundle
 GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 
-.PHONY: install serve-install mlflow-install browser demo test test-fast gpu-bundle clean help
+.PHONY: install serve-install mlflow-install browser slurm demo test test-fast gpu-bundle clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
@@ -62,10 +62,18 @@ browser:
 		$$(command -v sudo) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		$$(command -v sudo) apt-get install -y -qq chromium fonts-ipafont-gothic >/dev/null; }
 
+# Slurm (slurmctld, slurmd, sbatch ...) and munge (Debian) for tests/test_slurm.py, which configures and starts a
+# one-node cluster on 127.0.0.1 in a temporary dir (nothing is enabled or started system-wide); needs root or sudo
+slurm:
+	@{ command -v slurmctld || test -x /usr/sbin/slurmctld; } >/dev/null 2>&1 && { command -v munged || \
+		test -x /usr/sbin/munged; } >/dev/null 2>&1 || { \
+		$$(command -v sudo) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$$(command -v sudo) apt-get install -y -qq slurm-wlm munge >/dev/null; }
+
 demo: install serve-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
 
-test: install serve-install mlflow-install browser
+test: install serve-install mlflow-install browser slurm
 	FUNDCOMMENT_REQUIRE_SERVER=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install
