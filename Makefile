@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 # the local OpenAI-compatible server (vLLM CPU build) lives in its own venv: it pins newer transformers
 SERVE_VENV ?= .venv-serve
 SERVE_PY   := $(SERVE_VENV)/bin/python
+# the Megatron-Bridge backend (--backend bridge) lives in its own venv: NeMo 26.02's versions (requirements/bridge.txt)
+BRIDGE_VENV ?= .venv-bridge
+BRIDGE_PY   := $(BRIDGE_VENV)/bin/python
 # the MLflow tracking server the tests start (full mlflow; the training venv has only the client, mlflow-skinny)
 MLFLOW_VENV ?= .venv-mlflow
 # torch first, so nothing else pulls a CUDA build: on these CPU machines pip finds the 2.13.0 CPU
@@ -17,7 +20,7 @@ GPU_BUNDLE ?= dist/gpu-bundle
 GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 
-.PHONY: install serve-install mlflow-install browser slurm demo test test-fast gpu-bundle clean help
+.PHONY: install serve-install mlflow-install bridge-install browser slurm demo test test-fast gpu-bundle clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
@@ -48,6 +51,18 @@ $(SERVE_VENV)/.installed: requirements/serve.txt requirements/serve-constraints.
 
 serve-install: $(SERVE_VENV)/.installed
 
+$(BRIDGE_VENV)/.installed: requirements/bridge.txt requirements/bridge-constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(BRIDGE_VENV)
+	$(BRIDGE_PY) -m pip install -q --upgrade "pip>=23.2"
+	$(BRIDGE_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(BRIDGE_PY) -m pip install -q -c requirements/bridge-constraints.txt -r requirements/bridge.txt
+	# its declared dependencies are CUDA-only or unused here (Transformer Engine, mamba-ssm, wandb, ...)
+	$(BRIDGE_PY) -m pip install -q --no-deps -c requirements/bridge-constraints.txt megatron-bridge
+	$(BRIDGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+bridge-install: $(BRIDGE_VENV)/.installed
+
 $(MLFLOW_VENV)/.installed: requirements/mlflow-server.txt requirements/mlflow-server-constraints.txt
 	$(PYTHON) -m venv $(MLFLOW_VENV)
 	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade "pip>=23.2"
@@ -70,10 +85,10 @@ slurm:
 		$$(command -v sudo) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		$$(command -v sudo) apt-get install -y -qq slurm-wlm munge >/dev/null; }
 
-demo: install serve-install browser
+demo: install serve-install bridge-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
 
-test: install serve-install mlflow-install browser slurm
+test: install serve-install mlflow-install bridge-install browser slurm
 	FUNDCOMMENT_REQUIRE_SERVER=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install

@@ -3,12 +3,15 @@
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend hf
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo train.max_steps=5
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo --dry-run
+    python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend bridge   # Megatron-Bridge
 
 Before training it makes sure the inputs exist (``recipes.inputs.ensure_inputs``): the model
 directory (built from ``model.preset`` when missing) and the prepared data (prepared from
 ``data.source`` with the model's tokenizer when ``data.dataset_dir`` is missing). Outputs go to
 ``--output`` or ``output_dir``: resolved_config.yaml, metrics.jsonl, and the adapter/model (HF) or
-NeMo checkpoints.
+NeMo checkpoints. ``--backend bridge`` runs ``recipes.bridge_backend`` in the Megatron-Bridge environment
+(``.venv-bridge``, ``make bridge-install``) on the same config and prepared inputs: Megatron checkpoints and,
+in HF format, ``adapter/`` (LoRA) or ``model/`` (SFT).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipes.finetune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (nemo_configs/*.yaml)")
-    ap.add_argument("--backend", choices=["hf", "nemo"], required=True)
+    ap.add_argument("--backend", choices=["hf", "nemo", "bridge"], required=True,
+                    help="hf: transformers + peft + TRL; nemo: NeMo 2.1 (nemo:24.12); bridge: Megatron-Bridge "
+                         "0.3 (NeMo 26.02), in its own venv")
     ap.add_argument("--output", help="output directory (overrides output_dir)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config/recipe and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=5")
@@ -35,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.backend == "hf" and args.executor:
-        ap.error("--executor is for --backend nemo")
+    if args.backend in ("hf", "bridge") and args.executor:
+        ap.error("--executor is for --backend nemo (bridge: start `python -m recipes.bridge_backend run` with torchrun)")
+    if args.backend == "bridge":
+        return _run_bridge(args, cfg)
     if args.backend == "nemo" and (args.executor or (args.dry_run and targets_gpu(cfg))):
         # NeMo-Run launch (torchrun locally or sbatch on Slurm), or the dry-run of a GPU config on any machine
         return run_with_executor(args, cfg)
@@ -59,6 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         out = run(cfg)
     print(f"done: {out}")
     return 0
+
+
+def _run_bridge(args: argparse.Namespace, cfg) -> int:
+    """The same config in the bridge's own environment; the inputs are made here first (this venv has the
+    data preparation and the tiny-model presets)."""
+    import subprocess
+    from recipes.bridge_recipe import bridge_python
+    try:
+        py = bridge_python()
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        ensure_inputs(cfg)
+    cmd = [str(py), "-m", "recipes.bridge_backend", "run", "--config", args.config,
+           *(["--output", args.output] if args.output else []), *(["--dry-run"] if args.dry_run else []),
+           *args.overrides]
+    return subprocess.run(cmd).returncode
 
 
 if __name__ == "__main__":  # the guard matters: NeMo's checkpoint writer re-imports __main__ (spawn)

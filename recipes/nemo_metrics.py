@@ -9,25 +9,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from benchmarks.metrics import METRICS_FILE, StepTimer, tracked_scalars
 from recipes.fileio import write_text_atomic
-
-
-def micro_batch_counts(tokens, loss_mask) -> dict[str, int]:
-    """metrics.jsonl counts for one NeMo SFT micro-batch (after gpt_data_step).
-
-    GPTSFTDataset.collate_fn shifts the sequence: ``tokens = ids[:-1]``, ``loss_mask = mask[1:]``, and
-    pads ``tokens`` with the EOS id (so padding cannot be told from a real EOS by value). The loss
-    covers the answer and its EOS, the last real token, whose label sits at index ``len(ids) - 2``:
-    a row's unpadded length ``len(ids)`` (what the HF backend counts, ``len(tokenize_pair(...).input_ids)``)
-    is therefore its last loss position + 2. A row without loss tokens (cannot happen with
-    answer_only_loss and add_eos) would count 0.
-    """
-    import torch
-    lm = loss_mask.bool()
-    b, s = lm.shape
-    pos = torch.arange(s).expand(b, s)
-    last = torch.where(lm, pos, torch.full_like(pos, -2)).max(dim=1).values
-    return {"tokens": int((last + 2).sum()), "tokens_padded": int(tokens.numel()),
-            "loss_tokens": int(lm.sum()), "samples": int(b)}
+from recipes.tokens import sft_batch_counts as micro_batch_counts  # noqa: F401 - the name the tests use
 
 
 class IntStepMLFlowLogger(MLFlowLogger):

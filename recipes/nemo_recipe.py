@@ -27,17 +27,13 @@ from recipes.config import ExperimentConfig, check_runs_on_cpu, LoraConfig, Mode
 from recipes.cpu_shim import is_cpu
 from recipes.nemo_import import default_nemo_path, family_of
 from recipes.nemo_metrics import IntStepMLFlowLogger, MetricsCallback
+from recipes.tokens import SFT_DATASET_KWARGS  # noqa: F401 - also the NeMo recipe's public name
 
 # config precision -> MegatronMixedPrecision(precision=...)
 NEMO_PRECISION = {"fp32": "32", "bf16-mixed": "bf16-mixed", "fp16-mixed": "16-mixed"}
 # config scheduler -> nemo.lightning.pytorch.optim scheduler class (same shapes as HF_SCHEDULERS)
 NEMO_SCHEDULERS = {"cosine": "CosineAnnealingScheduler", "linear": "WarmupAnnealingScheduler",
                    "constant": "WarmupPolicyScheduler"}
-# GPTSFTDataset settings that make NeMo build exactly the token ids of recipes.tokens.tokenize_pair:
-# "input" already ends with the chat template's assistant header, so no space between the fields.
-SFT_DATASET_KWARGS = {"prompt_template": "{input}{output}", "label_key": "output", "truncation_field": "input",
-                      "truncation_method": "right", "add_bos": False, "add_eos": True, "add_sep": False,
-                      "answer_only_loss": True}
 UNFINISHED = "-unfinished"  # nemo.lightning.pytorch.callbacks.ModelCheckpoint.UNFINISHED_CHECKPOINT_SUFFIX
 CHECKPOINT_SUBDIR = "nemo"  # NeMoLogger name: checkpoints go to <output_dir>/nemo/checkpoints/
 

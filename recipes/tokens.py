@@ -12,6 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy ignores
+# GPTSFTDataset settings (NeMo 2.1's, and Megatron-Bridge's copy of it) that make it build exactly the token
+# ids of tokenize_pair: "input" already ends with the chat template's assistant header, so no space between
+# the fields.
+SFT_DATASET_KWARGS = {"prompt_template": "{input}{output}", "label_key": "output", "truncation_field": "input",
+                      "truncation_method": "right", "add_bos": False, "add_eos": True, "add_sep": False,
+                      "answer_only_loss": True}
 
 
 @dataclass(frozen=True)
@@ -54,3 +60,23 @@ def pair_from_ids(p: list[int], completion_ids: list[int], eos_id: int, seq_leng
         c = c[: seq_length - len(p)]
     return TokenizedPair(input_ids=p + c, labels=[IGNORE_INDEX] * len(p) + c,
                          prompt_tokens=len(p), completion_tokens=len(c), truncated=truncated)
+
+
+def sft_batch_counts(tokens, loss_mask) -> dict[str, int]:
+    """metrics.jsonl counts for one GPTSFTDataset micro-batch (NeMo 2.1 after gpt_data_step; Megatron-Bridge's
+    copy of the dataset collates the same way).
+
+    GPTSFTDataset.collate_fn shifts the sequence: ``tokens = ids[:-1]``, ``loss_mask = mask[1:]``, and
+    pads ``tokens`` with the EOS id (so padding cannot be told from a real EOS by value). The loss
+    covers the answer and its EOS, the last real token, whose label sits at index ``len(ids) - 2``:
+    a row's unpadded length ``len(ids)`` (what the HF backend counts, ``len(tokenize_pair(...).input_ids)``)
+    is therefore its last loss position + 2. A row without loss tokens (cannot happen with
+    answer_only_loss and add_eos) would count 0.
+    """
+    import torch
+    lm = loss_mask.bool()
+    b, s = lm.shape
+    pos = torch.arange(s).expand(b, s)
+    last = torch.where(lm, pos, torch.full_like(pos, -2)).max(dim=1).values
+    return {"tokens": int((last + 2).sum()), "tokens_padded": int(tokens.numel()),
+            "loss_tokens": int(lm.sum()), "samples": int(b)}

@@ -1,0 +1,390 @@
+"""Megatron-Bridge backend: run an ExperimentConfig with the bridge's training loop (NeMo 26.02's stack).
+
+    python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend bridge   # re-runs itself here
+    .venv-bridge/bin/python -m recipes.bridge_backend run --config nemo_configs/tiny_lora.yaml [key=value ...]
+    .venv-bridge/bin/python -m recipes.bridge_backend import artifacts/models/tiny
+
+It runs in its own environment (``.venv-bridge``, ``make bridge-install``: Megatron-Bridge 0.3.0,
+megatron-core 0.16.0, transformers 4.57 — ``requirements/bridge.txt``), never in the NeMo 2.1 one.
+
+- :func:`import_base` — the HF model as a Megatron checkpoint, written once by the bridge itself
+  (``AutoBridge.save_megatron_model``) to ``<hf_path>-megatron`` (temp dir + rename; reused while the HF
+  ``config.json`` and weights are unchanged). The user never converts anything: the HF dir is the input.
+- :func:`run` — :func:`recipes.bridge_recipe.build_config` run by the bridge's ``pretrain`` with
+  :class:`MetricsCallback` (``metrics.jsonl``, the fields of the other backends) and the bridge's
+  ``forward_step`` behind :class:`CountingForwardStep` (token counts of each training micro-batch).
+  Rerunning the same command resumes from the newest checkpoint in ``<output_dir>/bridge/checkpoints``.
+- At the end of a LoRA run the adapter is exported by the bridge's own exporter
+  (``AutoBridge.export_adapter_weights``, HF PEFT names) to ``<output_dir>/adapter`` as an HF PEFT adapter,
+  and checked there against the bridge's LoRA model by logits (``adapter/verify.json``); a full SFT run
+  leaves the HF model (``AutoBridge.save_hf_pretrained``) in ``<output_dir>/model``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from benchmarks.metrics import METRICS_FILE, StepTimer, global_rank, tracked_scalars  # noqa: E402
+from recipes import bridge_recipe  # noqa: E402
+from recipes.bridge_shim import prepare_process  # noqa: E402
+from recipes.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from recipes.fileio import write_text_atomic  # noqa: E402
+from recipes.tokens import sft_batch_counts  # noqa: E402
+
+IMPORT_MARKER = "bridge_import.json"  # written last into a finished base checkpoint
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # the HF backend's names for the same outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# the base checkpoint
+
+
+def _source_fingerprint(hf_path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(hf_path.glob("*.json")) + sorted(hf_path.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def import_is_complete(hf_path: str | Path, base: str | Path) -> bool:
+    marker = Path(base) / IMPORT_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text())["source"] == _source_fingerprint(Path(hf_path).absolute())
+    except (ValueError, KeyError):
+        return False
+
+
+def _init_single_process():
+    """torch.distributed (gloo on a CPU) and Megatron's parallel state for one process, for the import."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
+                                             rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def import_base(hf_path: str | Path, base: Optional[str | Path] = None, overwrite: bool = False) -> Path:
+    """The HF model dir as a Megatron (torch_dist) checkpoint written by the bridge; cached. Runs in a
+    process of its own (``python -m recipes.bridge_backend import``): it initialises a one-process group."""
+    import torch
+
+    hf = Path(hf_path).absolute()
+    if not (hf / "config.json").is_file():
+        raise FileNotFoundError(f"{hf}/config.json: not a Hugging Face model dir")
+    base = Path(base) if base else bridge_recipe.default_base_path(hf)
+    if not overwrite and import_is_complete(hf, base):
+        return base
+    cpu = prepare_process()
+    from megatron.bridge import AutoBridge
+    t0 = time.perf_counter()
+    bridge = AutoBridge.from_hf_pretrained(str(hf), torch_dtype=torch.float32 if cpu else torch.bfloat16)
+    provider = bridge.to_megatron_provider(load_weights=True)
+    if cpu:
+        bridge_recipe.cpu_settings(provider)
+    provider.tensor_model_parallel_size = provider.pipeline_model_parallel_size = 1
+    provider.finalize()
+    _init_single_process()
+    models = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=cpu)
+    tmp = base.with_name(base.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bridge.save_megatron_model(models, str(tmp), hf_tokenizer_path=str(hf))
+    write_text_atomic(tmp / IMPORT_MARKER, json.dumps({"source": _source_fingerprint(hf), "hf_path": str(hf),
+                                                       "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+    if base.exists():
+        shutil.rmtree(base)
+    os.replace(tmp, base)
+    return base
+
+
+def ensure_base(hf_path: str | Path) -> Path:
+    """The cached base checkpoint, made in a child process when missing (the child's process group and
+    Megatron state must not leak into the training process). With several ranks, rank 0 makes it and the
+    others wait for it."""
+    import subprocess
+    base = bridge_recipe.default_base_path(hf_path)
+    if import_is_complete(hf_path, base):
+        return base
+    if global_rank() == 0:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+        subprocess.run([sys.executable, "-m", "recipes.bridge_backend", "import", str(hf_path)], check=True, env=env)
+    deadline = time.monotonic() + 3600
+    while not import_is_complete(hf_path, base):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base}: the base checkpoint did not appear within an hour")
+        time.sleep(1)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class CountingForwardStep:
+    """The bridge's ``gpt_step.forward_step`` with each micro-batch's token counts handed to ``sink`` while
+    :attr:`counting` is on (training steps only; the callback turns it on and off around a step)."""
+
+    def __init__(self, sink=None):
+        self.sink = sink
+        self.counting = False
+
+    def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
+        from megatron.bridge.training.gpt_step import forward_step
+        if self.counting and self.sink is not None and data_iterator is not None:
+            data_iterator = _Peek(data_iterator, self.sink)
+        return forward_step(state, data_iterator, model, return_schedule_plan)
+
+
+class _Peek:
+    def __init__(self, it, sink):
+        self._it, self._sink = it, sink
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        if isinstance(batch, dict) and batch.get("loss_mask") is not None:
+            self._sink(sft_batch_counts(batch["tokens"], batch["loss_mask"]))
+        return batch
+
+
+def _callback_base():
+    from megatron.bridge.training.callbacks import Callback
+    return Callback
+
+
+def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingForwardStep, bridge=None):
+    """[MetricsCallback, (ExportCallback)] as bridge Callback subclasses (the bridge is imported by now)."""
+    Callback = _callback_base()
+
+    class MetricsCallback(Callback):
+        """``metrics.jsonl`` (benchmarks.metrics.StepTimer, backend "bridge"): per optimizer step the step
+        number after it, the reduced ``lm loss``, the lr the step used, the grad norm and the counts of the
+        micro-batches it trained on (summed over the data-parallel ranks). On resume the records after the
+        restored step are dropped and the file is appended to. The same scalars go to the bridge's
+        TensorBoard writer as ``train/<name>`` (tracking.tensorboard)."""
+
+        def __init__(self):
+            self.timer = None
+            self._lr = None
+
+        def on_train_start(self, context):
+            path = output_dir / METRICS_FILE
+            step = context.state.train_state.step
+            resumed = step > 0 and path.is_file()
+            if resumed and global_rank() == 0:
+                keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= step]
+                write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+            self.timer = StepTimer(output_dir, backend="bridge", append=resumed)
+            from megatron.core import parallel_state
+            if parallel_state.model_parallel_is_initialized():
+                self.timer.count_group = parallel_state.get_data_parallel_group()
+            forward.sink = lambda counts: self.timer.add_batch(**counts)
+
+        def on_train_step_start(self, context):
+            self.timer.begin()
+            self._lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else None
+            forward.counting = True
+
+        def on_train_step_end(self, context):
+            forward.counting = False
+            loss = (context.loss_dict or {}).get("lm loss")
+            step = context.state.train_state.step + 1  # the bridge counts the step after this callback
+            rec = self.timer.end(step, None if loss is None else float(loss), self._lr,
+                                 None if context.grad_norm is None else float(context.grad_norm))
+            tb = getattr(context.state, "tensorboard_logger", None)
+            if tb is not None and rec is not None:
+                for k, v in tracked_scalars(rec).items():
+                    tb.add_scalar(f"train/{k}", v, step)
+
+        def on_train_end(self, context):
+            if self.timer is not None:
+                self.timer.close()
+
+    callbacks = [MetricsCallback()]
+    if bridge is not None:
+        class ExportCallback(Callback):
+            def on_train_end(self, context):
+                export_final(cfg, bridge, context.model, output_dir)
+        callbacks.append(ExportCallback())
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def _unwrap(m):
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def write_peft_adapter(bridge, models, lora, hf_path: str | Path, out: Path) -> Path:
+    """The LoRA weights as an HF PEFT adapter (adapter_config.json + adapter_model.safetensors), from the
+    bridge's ``export_adapter_weights`` (HF module names, the fused QKV/fc1 split by the bridge). Written to a
+    temp dir and renamed."""
+    import safetensors.torch as st
+    tensors, targets = {}, set()
+    for name, w in bridge.export_adapter_weights(models, cpu=True, show_progress=False):
+        tensors["base_model.model." + name] = w.detach().float().contiguous().clone()
+        targets.add(name.split(".lora_")[0].split(".")[-1])
+    if not tensors:
+        raise RuntimeError("the bridge exported no adapter weights: is this a LoRA model?")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    st.save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.dim, "lora_alpha": lora.alpha,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(targets),
+              "base_model_name_or_path": str(Path(hf_path).absolute()), "fan_in_fan_out": False,
+              "inference_mode": True, "use_rslora": False, "use_dora": False}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def verify_adapter(models, hf_path: str | Path, adapter: Path, vocab: int, seed: int = 0) -> dict:
+    """Logits of the bridge's LoRA model against HF + the written PEFT adapter on the same random ids
+    (CPU fp32), and how far the adapter moved them from the base model's (it must change them)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = _unwrap(models[0])
+    was_training = m.training
+    m.eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 24), generator=g)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        mega = m(input_ids=ids, position_ids=pos, attention_mask=None)[..., :vocab].float()
+        base = AutoModelForCausalLM.from_pretrained(str(hf_path), torch_dtype=torch.float32).eval()
+        base_logits = base(ids).logits.float()
+        peft_logits = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits.float()
+    if was_training:
+        m.train()
+    return {"max_abs_diff": float((mega - peft_logits).abs().max()),
+            "adapter_effect": float((peft_logits - base_logits).abs().max()),
+            "argmax_agree": float((mega.argmax(-1) == peft_logits.argmax(-1)).float().mean())}
+
+
+def export_final(cfg: ExperimentConfig, bridge, models, output_dir: Path) -> None:
+    """Rank 0: the LoRA adapter (checked by logits) or the full HF model, in the output dir."""
+    import json as _json
+    if global_rank() != 0:
+        return
+    if cfg.method == "lora":
+        out = write_peft_adapter(bridge, models, cfg.lora, cfg.model.hf_path, output_dir / ADAPTER_DIR)
+        hf = _json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
+        report = verify_adapter(models, cfg.model.hf_path, out, int(hf["vocab_size"]))
+        write_text_atomic(out / "verify.json", _json.dumps(report, indent=2) + "\n")
+        print(f"bridge: adapter {out}: logits vs the bridge's LoRA model max |diff| {report['max_abs_diff']:.2e}",
+              flush=True)
+    else:
+        tmp = output_dir / (MODEL_DIR + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        bridge.save_hf_pretrained(models, str(tmp))
+        final = output_dir / MODEL_DIR
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
+    """Fine-tune with Megatron-Bridge in this process; returns the output dir. Rerunning the same command
+    resumes from the newest checkpoint; a finished run rerun unchanged trains nothing."""
+    import torch
+
+    out = Path(output_dir or cfg.output_dir).absolute()
+    cpu = prepare_process()
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.pretrain import pretrain
+    base = ensure_base(cfg.model.hf_path)
+    c = bridge_recipe.build_config(cfg, out, base, cpu)
+    if not bridge_recipe.validates(cfg):
+        print(f"bridge: no validation: {cfg.data.dataset_dir}/validation.jsonl has "
+              f"{bridge_recipe.validation_rows(cfg)} rows, fewer than one global batch "
+              f"({cfg.train.global_batch_size}); the bridge's loader would be empty", flush=True)
+    if global_rank() == 0:
+        write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
+        c.to_yaml(str(out / "bridge_config.yaml"))
+    bridge = AutoBridge.from_hf_pretrained(str(Path(cfg.model.hf_path).absolute()),
+                                           torch_dtype=torch.float32 if cpu else torch.bfloat16)
+    forward = CountingForwardStep()
+    pretrain(c, forward, callbacks=make_callbacks(cfg, out, forward, bridge))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m recipes.bridge_backend",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="fine-tune (what `recipes.finetune --backend bridge` runs)")
+    r.add_argument("--config", required=True)
+    r.add_argument("--output", help="output directory (overrides output_dir)")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved Megatron-Bridge config and exit")
+    r.add_argument("overrides", nargs="*", metavar="key=value")
+    imp = sub.add_parser("import", help="HF model dir -> Megatron checkpoint by the bridge (cached)")
+    imp.add_argument("hf_path")
+    imp.add_argument("--output", help="checkpoint dir (default: <hf_path>-megatron)")
+    imp.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cmd == "import":
+        try:
+            print(json.dumps({"base": str(import_base(args.hf_path, args.output, overwrite=args.overwrite))}))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides + ([f"output_dir={args.output}"] if args.output else []))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from recipes.bridge_shim import import_bridge, is_cpu
+        import_bridge()
+        print(bridge_recipe.describe(cfg, cpu=is_cpu() and not _targets_gpu(cfg)))
+        return 0
+    print(f"done: {run(cfg)}")
+    return 0
+
+
+def _targets_gpu(cfg: ExperimentConfig) -> bool:
+    return cfg.train.precision != "fp32" or cfg.world_size > 1
+
+
+if __name__ == "__main__":  # the guard matters: the torch_dist checkpoint writer may re-import __main__
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""ExperimentConfig -> a Megatron-Bridge ``ConfigContainer`` (Megatron-Bridge 0.3, NeMo 26.02), not run.
+
+The same YAML that drives the NeMo 2.1 and HF backends, translated field by field in small functions, as
+:mod:`recipes.nemo_recipe` does for ``llm.finetune``: :func:`model_provider` (the bridge's own translation
+of the HF ``config.json``, ``AutoBridge.from_hf_pretrained(...).to_megatron_provider``, with the run's
+sequence length and parallel layout), :func:`optimizer_config`, :func:`scheduler_config`,
+:func:`dataset_config` (the prepared training/validation.jsonl read by the bridge's GPTSFTDataset with the
+dataset settings of the NeMo backend: the same token ids, ``recipes.tokens.SFT_DATASET_KWARGS``),
+:func:`peft_config`, :func:`checkpoint_config`; :func:`build_config` puts them together and
+:func:`describe` is the ``--dry-run`` text.
+
+On a CPU (``cpu=True``): gloo, fp32, the local (non-Transformer-Engine) layer spec and attention, every
+fused kernel off, no distributed optimizer, synchronous checkpoints, ``num_workers=0``; the patches that
+make the libraries run at all are :mod:`recipes.bridge_shim`'s.
+
+Known differences from the NeMo 2.1 recipe (same config values, different formulas in the libraries):
+Megatron's scheduler warms up as ``lr*s/warmup`` at step ``s`` (0-based; NeMo 2.1: ``lr*(s+1)/(warmup+1)``),
+identical after warmup. The loss is Megatron-Core's in both: the mean of the micro-batches' per-token means
+in NeMo 2.1 (megatron-core 0.10), the per-token mean of the whole global batch in megatron-core 0.16's
+``calculate_per_token_loss`` path only when the bridge's config asks for it (it does not by default).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from recipes.config import ExperimentConfig, LoraConfig, OptimConfig, TrainConfig, check_runs_on_cpu
+from recipes.tokens import SFT_DATASET_KWARGS
+
+CHECKPOINT_SUBDIR = "bridge"  # checkpoints: <output_dir>/bridge/checkpoints/iter_0000010/
+BASE_SUFFIX = "-megatron"  # the HF model saved once as a Megatron checkpoint by the bridge: <hf_path>-megatron
+BRIDGE_PRECISION = {"fp32": None, "bf16-mixed": "bf16_mixed", "fp16-mixed": "fp16_mixed"}
+# the config's scheduler -> megatron's OptimizerParamScheduler lr_decay_style (warmup is linear in all)
+BRIDGE_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant"}
+# settings the CPU needs on the model provider (fused kernels exist only as CUDA kernels)
+CPU_MODEL_SETTINGS = dict(use_cpu_initialization=True, fp16=False, bf16=False, bias_activation_fusion=False,
+                          masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+                          persist_layer_norm=False, bias_dropout_fusion=False, cross_entropy_loss_fusion=False)
+
+
+def bridge_python() -> Path:
+    """The Python of the bridge's environment: ``$FUNDCOMMENT_BRIDGE_PYTHON``, else ``.venv-bridge`` beside
+    this checkout (``make bridge-install``). FileNotFoundError naming the way to build it."""
+    import os
+    env = os.environ.get("FUNDCOMMENT_BRIDGE_PYTHON")
+    p = Path(env) if env else Path(__file__).resolve().parents[1] / ".venv-bridge" / "bin" / "python"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: the Megatron-Bridge environment is not installed; run `make bridge-install` "
+                                "(or set FUNDCOMMENT_BRIDGE_PYTHON to a python that has megatron-bridge and this project)")
+    return p
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir).absolute() / CHECKPOINT_SUBDIR / "checkpoints"
+
+
+def default_base_path(hf_path: str | Path) -> Path:
+    """Where the bridge keeps the HF model as a Megatron checkpoint (the base a LoRA run loads)."""
+    p = Path(hf_path).absolute()
+    return p.with_name(p.name + BASE_SUFFIX)
+
+
+def model_provider(cfg: ExperimentConfig, cpu: bool):
+    """The bridge's model provider for the HF dir (its own HF -> Megatron config translation), with the
+    run's sequence length, parallel layout and precision; on a CPU fp32, the local spec, fusions off."""
+    import torch
+    from megatron.bridge import AutoBridge
+
+    dtype = torch.float32 if cpu or cfg.train.precision == "fp32" else (
+        torch.bfloat16 if cfg.train.precision == "bf16-mixed" else torch.float16)
+    bridge = AutoBridge.from_hf_pretrained(str(Path(cfg.model.hf_path).absolute()), torch_dtype=dtype)
+    p = bridge.to_megatron_provider(load_weights=False)
+    par = cfg.parallel
+    p.seq_length = cfg.train.seq_length
+    p.tensor_model_parallel_size = par.tensor_model_parallel_size
+    p.pipeline_model_parallel_size = par.pipeline_model_parallel_size
+    p.virtual_pipeline_model_parallel_size = par.virtual_pipeline_model_parallel_size
+    p.context_parallel_size = par.context_parallel_size
+    p.sequence_parallel = par.sequence_parallel
+    if cfg.train.activation_checkpointing:  # HF gradient checkpointing = full recompute of every layer
+        p.recompute_granularity, p.recompute_method, p.recompute_num_layers = "full", "uniform", 1
+    if cpu:
+        cpu_settings(p)
+    return p
+
+
+def cpu_settings(provider):
+    """The model provider set for a CPU: fp32, the local (non-Transformer-Engine) layer spec and attention
+    (the default spec is TE's: "NameError: name 'TESpecProvider' is not defined" without TE), fusions off."""
+    import torch
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.core.transformer.enums import AttnBackend
+    for k, v in CPU_MODEL_SETTINGS.items():
+        setattr(provider, k, v)
+    provider.params_dtype = provider.pipeline_dtype = provider.autocast_dtype = torch.float32
+    provider.transformer_layer_spec = local_layer_spec
+    provider.attention_backend = AttnBackend.local
+    return provider
+
+
+def optimizer_config(optim: OptimConfig, train: TrainConfig, use_distributed_optimizer: bool, cpu: bool):
+    """megatron-core's OptimizerConfig: Adam(W) with the config's values (the NeMo recipe's fields)."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+
+    bf16, fp16 = train.precision == "bf16-mixed", train.precision == "fp16-mixed"
+    return OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16 and not cpu, fp16=fp16 and not cpu,
+        params_dtype=torch.float32 if cpu or not (bf16 or fp16) else (torch.bfloat16 if bf16 else torch.float16),
+        use_distributed_optimizer=use_distributed_optimizer and not cpu)
+
+
+def scheduler_config(optim: OptimConfig, train: TrainConfig):
+    from megatron.bridge.training.config import SchedulerConfig
+    return SchedulerConfig(lr_decay_style=BRIDGE_SCHEDULERS[optim.scheduler], lr_warmup_iters=optim.warmup_steps,
+                           lr_decay_iters=train.max_steps, lr_warmup_init=0.0,
+                           start_weight_decay=optim.weight_decay, end_weight_decay=optim.weight_decay,
+                           weight_decay_incr_style="constant")
+
+
+def dataset_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
+    """The prepared training/validation.jsonl through the bridge's FinetuningDatasetConfig (GPTSFTDataset,
+    batches padded per global batch); index files under ``<output_dir>/data_index``, never the data dir."""
+    from megatron.bridge.training.config import FinetuningDatasetConfig
+    if cfg.train.packed_sequence:
+        raise ValueError("train.packed_sequence=true is not supported by the bridge backend yet (the NeMo 2.1 "
+                         "backend refuses it too); set train.packed_sequence=false")
+    kwargs = dict(SFT_DATASET_KWARGS, index_mapping_dir=str(Path(output_dir).absolute() / "data_index"))
+    return FinetuningDatasetConfig(
+        dataset_root=str(Path(cfg.data.dataset_dir).absolute()), seq_length=cfg.train.seq_length,
+        seed=cfg.train.seed, dataloader_type="batch",
+        # NeMo 2.1's FineTuningDataModule asks for ceil(GBS x max_steps x 1.005) samples; GPTSFTDataset's shuffled
+        # sample mapping depends on that number, so the same number gives the NeMo backend's data order
+        max_train_samples=math.ceil(cfg.train.global_batch_size * cfg.train.max_steps * 1.005), num_workers=0 if cpu else 4, pin_memory=not cpu,
+        persistent_workers=False, memmap_workers=1, do_validation=validates(cfg), do_test=False,
+        packed_sequence_specs=None, dataset_kwargs=kwargs)
+
+
+def validation_rows(cfg: ExperimentConfig) -> int:
+    path = Path(cfg.data.dataset_dir) / "validation.jsonl"
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def validates(cfg: ExperimentConfig) -> bool:
+    """Whether the bridge can validate: its batch sampler drops an incomplete global batch, so a validation
+    file with fewer rows than ``train.global_batch_size`` gives an empty loader, and the bridge's
+    ``cyclic_iter`` then loops forever at the first evaluation (measured: a hang, no error). Such a run
+    trains without validation (:func:`describe` and the run's log say so)."""
+    return validation_rows(cfg) >= cfg.train.global_batch_size
+
+
+def peft_config(method: str, lora: LoraConfig):
+    """The bridge's LoRA (one A for the fused QKV and fc1, as NeMo 2) for method lora; None for full SFT."""
+    if method != "lora":
+        return None
+    from megatron.bridge.peft.lora import LoRA
+    return LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha, dropout=lora.dropout)
+
+
+def checkpoint_config(cfg: ExperimentConfig, output_dir: str | Path, base: Optional[str | Path], cpu: bool):
+    """Checkpoints every ``checkpoint_every_n_steps`` (0: at the end) in ``<output_dir>/bridge/checkpoints``;
+    rerunning the same command loads the newest one (``load`` = ``save``). ``base``: the HF model as a
+    Megatron checkpoint (:func:`default_base_path`), loaded before training starts."""
+    from megatron.bridge.training.config import CheckpointConfig
+    ckpt = str(checkpoint_dir(output_dir))
+    return CheckpointConfig(
+        save=ckpt, load=ckpt, save_interval=cfg.train.checkpoint_every_n_steps or cfg.train.max_steps,
+        pretrained_checkpoint=None if base is None else str(base), ckpt_format="torch_dist",
+        fully_parallel_save=not cpu, async_save=False, most_recent_k=2)
+
+
+def build_config(cfg: ExperimentConfig, output_dir: str | Path, base: Optional[str | Path], cpu: bool):
+    """The whole ConfigContainer the bridge's ``pretrain``/``finetune`` runs."""
+    import torch
+    from megatron.bridge.training.config import (ConfigContainer, DistributedDataParallelConfig, LoggerConfig,
+                                                 RNGConfig, TokenizerConfig, TrainingConfig)
+    from benchmarks.metrics import TB_DIR
+
+    if cpu:
+        check_runs_on_cpu(cfg)
+    out = Path(output_dir).absolute()
+    t = cfg.train
+    model = model_provider(cfg, cpu)
+    c = ConfigContainer(
+        model=model,
+        train=TrainingConfig(train_iters=t.max_steps, global_batch_size=t.global_batch_size,
+                             micro_batch_size=t.micro_batch_size, eval_interval=t.val_check_interval or t.max_steps,
+                             eval_iters=t.limit_val_batches if validates(cfg) else 0, manual_gc=False),
+        optimizer=optimizer_config(cfg.optim, t, cfg.parallel.use_distributed_optimizer, cpu),
+        scheduler=scheduler_config(cfg.optim, t),
+        ddp=DistributedDataParallelConfig(
+            check_for_nan_in_grad=True, grad_reduce_in_fp32=not cpu and t.precision != "fp32",
+            overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and not cpu),
+        dataset=dataset_config(cfg, out, cpu),
+        logger=LoggerConfig(log_interval=t.log_every_n_steps,
+                            tensorboard_dir=str(out / TB_DIR) if cfg.tracking.tensorboard else None,
+                            log_timers_to_tensorboard=False),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer",
+                                  tokenizer_model=str(Path(cfg.model.hf_path).absolute())),
+        checkpoint=checkpoint_config(cfg, out, base, cpu),
+        rng=RNGConfig(seed=t.seed),
+        peft=peft_config(cfg.method, cfg.lora),
+        mixed_precision=None if cpu else BRIDGE_PRECISION[t.precision],
+    )
+    if cpu:
+        c.dist.distributed_backend = "gloo"
+        c.optimizer.params_dtype = torch.float32
+    return c
+
+
+def describe(cfg: ExperimentConfig, output_dir: str | Path | None = None, cpu: bool = True) -> str:
+    """``--dry-run``: the config as YAML, then the resolved ConfigContainer (the bridge's own YAML dump)."""
+    import io
+    import contextlib
+    out = Path(output_dir or cfg.output_dir)
+    base = default_base_path(cfg.model.hf_path)
+    c = build_config(cfg, out, base, cpu)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        c.print_yaml()
+    return "\n".join([cfg.to_yaml(), f"# Megatron-Bridge ConfigContainer for {cfg.name} ({cfg.method}), "
+                      f"{'CPU' if cpu else 'GPU'}; base checkpoint: {base}", buf.getvalue()])
