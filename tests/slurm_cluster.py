@@ -51,6 +51,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so a killed test run leaves no daemon behind; :meth:`SlurmCluster.stop` is the normal way."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class SlurmCluster:
     """One node (``cpus`` CPUs), one partition, munge authentication, all state under ``root``."""
 
@@ -129,7 +139,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         log = open(self.root / "log" / f"{name}.out", "w")
         self._logs.append(log)
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
 
     def _wait(self, what: str, check, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
