@@ -217,6 +217,9 @@ def test_a_killed_rank_fails_the_slurm_job_quickly(slurm, inputs, one_task, tmp_
         time.sleep(0.3)
     ranks = job_processes(job["job_id"])
     assert set(ranks) == {"0", "1"}, ranks
+    for pid in ranks.values():  # the ranks' `python` is this (venv's) python: its bin dir leads the job's PATH
+        env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        assert env[b"PATH"].decode().split(":")[0] == str(Path(sys.executable).parent), env[b"PATH"]
     os.kill(ranks["1"], signal.SIGKILL)
     t_kill = time.monotonic()
     info = finished(slurm, job, 180)
