@@ -34,6 +34,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import families  # noqa: E402
 from benchmarks.metrics import METRICS_FILE, StepTimer, global_rank, tracked_scalars  # noqa: E402
 from recipes import bridge_recipe  # noqa: E402
 from recipes.bridge_shim import prepare_process  # noqa: E402
@@ -252,6 +253,13 @@ def write_peft_adapter(bridge, models, lora, hf_path: str | Path, out: Path) -> 
         targets.add(name.split(".lora_")[0].split(".")[-1])
     if not tensors:
         raise RuntimeError("the bridge exported no adapter weights: is this a LoRA model?")
+    # the family registry says which HF modules these targets are (the NeMo exporter's names): the bridge's
+    # split must give exactly those, or vLLM/NIM would load a different adapter than the one trained
+    fam = families.for_hf(json.loads((Path(hf_path) / "config.json").read_text()), Path(hf_path) / "config.json")
+    want = set(fam.hf_lora_modules(lora.target_modules))
+    if targets != want:
+        raise RuntimeError(f"the bridge exported LoRA modules {sorted(targets)}; family {fam.name} maps "
+                           f"{list(lora.target_modules)} to {sorted(want)}")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

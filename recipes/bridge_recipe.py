@@ -21,10 +21,12 @@ in NeMo 2.1 (megatron-core 0.10), the per-token mean of the whole global batch i
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Optional
 
+import families
 from recipes.config import ExperimentConfig, LoraConfig, OptimConfig, TrainConfig, check_runs_on_cpu
 from recipes.tokens import SFT_DATASET_KWARGS
 
@@ -67,6 +69,10 @@ def model_provider(cfg: ExperimentConfig, cpu: bool):
     import torch
     from megatron.bridge import AutoBridge
 
+    hf_config = Path(cfg.model.hf_path) / "config.json"
+    if not hf_config.is_file():
+        raise FileNotFoundError(f"{hf_config}: the bridge builds its model config from the HF dir; it is not there")
+    families.for_hf(json.loads(hf_config.read_text(encoding="utf-8")), hf_config)  # a family this project knows
     dtype = torch.float32 if cpu or cfg.train.precision == "fp32" else (
         torch.bfloat16 if cfg.train.precision == "bf16-mixed" else torch.float16)
     bridge = AutoBridge.from_hf_pretrained(str(Path(cfg.model.hf_path).absolute()), torch_dtype=dtype)
