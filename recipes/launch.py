@@ -143,8 +143,9 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
     them (the recipe's trainer is built from the config). ``gpus_per_node=0`` (the default for a CPU config,
     :func:`targets_gpu` false) is a CPU job: ``train.num_devices`` tasks per node and no GPU, memory or
     exclusive-node request. ``tunnel`` is "local" (submitting from a login node; ``job_dir`` defaults to
-    ``<output_dir>/nemo_run``, which must be on shared storage; NeMo-Run's experiment dir is
-    ``<job_dir>/experiments/<name>/<id>``, see :func:`experiment_base_dir`) or "ssh" (``ssh_host``,
+    ``$NEMORUN_HOME`` (``~/.nemo_run``), where NeMo-Run's own commands find the experiment, and must be on
+    storage the nodes share; the experiment dir is ``<job_dir>/experiments/<name>/<id>``, see
+    :func:`experiment_base_dir`) or "ssh" (``ssh_host``,
     ``ssh_user`` and the remote ``job_dir`` required). ``packager`` "git" ships the committed code
     (``GitArchivePackager``), "none" expects it in the image or, with ``container_image="none"``, at the
     same path on the nodes as here. ``container_image="none"``: no container; the ranks run
@@ -169,10 +170,13 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
         raise LaunchError(f"--mount {mounts[0]!r} with --container-image {NO_CONTAINER}: without a container "
                           "nothing is mounted; the paths must exist on the nodes as they are")
     if tunnel == "local":
-        base = Path(job_dir or Path(cfg.output_dir).absolute() / "nemo_run").absolute()
+        from nemo_run.config import NEMORUN_HOME
+        base = Path(job_dir).absolute() if job_dir else Path(NEMORUN_HOME)
         # NeMo-Run 0.3.0 submits <tunnel job dir>/<name>/<id>/<job>_sbatch.sh but writes it into its experiment
         # dir, <base_dir>/experiments/<name>/<id>: they are one directory only when the tunnel's job_dir is
-        # <base_dir>/experiments (run_with_executor creates the experiment with base_dir=experiment_base_dir())
+        # <base_dir>/experiments (run_with_executor creates the experiment with base_dir=experiment_base_dir()).
+        # NeMo-Run reloads experiments (`nemo experiment status|logs|cancel ID`, Experiment.from_id) from
+        # $NEMORUN_HOME/experiments only: the default keeps them there.
         tun = run.LocalTunnel(job_dir=str(base / "experiments"))
     elif tunnel == "ssh":
         if not (ssh_host and ssh_user and job_dir):
@@ -280,7 +284,8 @@ def executor_script(recipe, executor, name: str = "finetune") -> str:
                           for k, v in sorted(role.env.items())]
                 lines.append(" ".join([role.entrypoint, *role.args]))
             text = "\n".join(lines) + "\n"
-        return text.replace(base, "$NEMORUN_HOME")
+        from nemo_run.config import NEMORUN_HOME
+        return text.replace(base, "$NEMORUN_HOME").replace(NEMORUN_HOME.rstrip("/") + "/", "$NEMORUN_HOME/")
     finally:
         sys.stdin = stdin
         shutil.rmtree(base, ignore_errors=True)
@@ -361,7 +366,8 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
                    help="submit from this (login) node, or over SSH (default: %(default)s)")
     g.add_argument("--ssh-host", help="cluster login host (--tunnel ssh)")
     g.add_argument("--ssh-user", help="cluster user (--tunnel ssh)")
-    g.add_argument("--job-dir", help="NeMo-Run job dir on the cluster (default with --tunnel local: <output_dir>/nemo_run)")
+    g.add_argument("--job-dir", help="NeMo-Run job dir on the cluster, on storage the nodes share (default with "
+                                     "--tunnel local: $NEMORUN_HOME, ~/.nemo_run, where NeMo-Run's commands look)")
     g.add_argument("--packager", choices=["git", "none"], default="git",
                    help="ship the committed code with the job (git), or use the code in the image (none; with "
                         f"--container-image {NO_CONTAINER}: the code at the same path on the nodes)")

@@ -56,9 +56,13 @@ def test_slurm_executor_like_the_nemo_quickstart(tmp_path):
     assert ex.container_image == "nvcr.io/nvidia/nemo:24.12" and ex.container_mounts == ["/lustre:/lustre"]
     assert ex.exclusive is True and ex.mem == "0" and ex.gres == "gpu:8"
     # NeMo-Run's experiment dir is <job dir>/experiments/<name>/<id> (run_with_executor's base_dir): the local
-    # tunnel's job dir must be <base_dir>/experiments, where NeMo-Run 0.3.0 writes the sbatch script it submits
-    assert isinstance(ex.tunnel, run.LocalTunnel) and ex.tunnel.job_dir == str(tmp_path / "run" / "nemo_run" / "experiments")
-    assert launch.experiment_base_dir(ex) == str(tmp_path / "run" / "nemo_run") and not launch.slurm_is_cpu(ex)
+    # tunnel's job dir must be <base_dir>/experiments, where NeMo-Run 0.3.0 writes the sbatch script it submits;
+    # by default NeMo-Run's own home, where its commands find experiments
+    from nemo_run.config import NEMORUN_HOME
+    assert isinstance(ex.tunnel, run.LocalTunnel) and ex.tunnel.job_dir == os.path.join(NEMORUN_HOME, "experiments")
+    assert launch.experiment_base_dir(ex) == NEMORUN_HOME and not launch.slurm_is_cpu(ex)
+    mine = launch.slurm_executor(cfg, account="a", partition="p", job_dir=str(tmp_path / "jobs"))
+    assert launch.experiment_base_dir(mine) == str(tmp_path / "jobs") and mine.tunnel.job_dir == str(tmp_path / "jobs" / "experiments")
     assert isinstance(ex.packager, run.GitArchivePackager)
     assert isinstance(launch.slurm_executor(cfg, account="a", partition="p", packager="none").packager, run.Packager)
     ssh = launch.slurm_executor(cfg, account="a", partition="p", tunnel="ssh", ssh_host="login", ssh_user="me",

@@ -148,6 +148,11 @@ def test_a_slurm_job_trains_the_tiny_lora_to_the_end(slurm, one_task):
     assert len(ran) == 1 and "--container" not in ran[0] and " /nemo_run/" not in ran[0], ran  # no container path
     assert "--kill-on-bad-exit=1" in ran[0] and "python -m nemo_run.core.runners.fdl_runner" in ran[0]
     assert f"export PATH={Path(sys.executable).parent}:$PATH" in Path(job["sbatch_script"]).read_text()
+    # NeMo-Run's own commands find the experiment in its home (its status needs sacct: none here)
+    code = "import sys, nemo_run as run; print(run.Experiment.from_id(sys.argv[1]).jobs[0].handle)"
+    r = subprocess.run([sys.executable, "-c", code, job["experiment_id"]], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "NEMORUN_HOME": str(out.parent / "nemorun_home")})
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"/{job['job_id']}"), r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.slow
