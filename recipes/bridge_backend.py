@@ -242,15 +242,18 @@ def _unwrap(m):
     return m
 
 
-def write_peft_adapter(bridge, models, lora, hf_path: str | Path, out: Path) -> Path:
-    """The LoRA weights as an HF PEFT adapter (adapter_config.json + adapter_model.safetensors), from the
-    bridge's ``export_adapter_weights`` (HF module names, the fused QKV/fc1 split by the bridge). Written to a
-    temp dir and renamed."""
+def adapter_tensors(bridge, models) -> dict:
+    """The LoRA weights under HF PEFT names from the bridge's ``export_adapter_weights`` (HF module names, the
+    fused QKV/fc1 split by the bridge). A collective with several ranks: every rank calls it."""
+    return {"base_model.model." + name: w.detach().float().contiguous().clone()
+            for name, w in bridge.export_adapter_weights(models, cpu=True, show_progress=False)}
+
+
+def write_peft_adapter(tensors: dict, lora, hf_path: str | Path, out: Path) -> Path:
+    """``tensors`` (:func:`adapter_tensors`) as an HF PEFT adapter (adapter_config.json +
+    adapter_model.safetensors), written to a temp dir and renamed."""
     import safetensors.torch as st
-    tensors, targets = {}, set()
-    for name, w in bridge.export_adapter_weights(models, cpu=True, show_progress=False):
-        tensors["base_model.model." + name] = w.detach().float().contiguous().clone()
-        targets.add(name.split(".lora_")[0].split(".")[-1])
+    targets = {name.split(".lora_")[0].split(".")[-1] for name in tensors}
     if not tensors:
         raise RuntimeError("the bridge exported no adapter weights: is this a LoRA model?")
     # the family registry says which HF modules these targets are (the NeMo exporter's names): the bridge's
@@ -300,26 +303,39 @@ def verify_adapter(models, hf_path: str | Path, adapter: Path, vocab: int, seed:
             "argmax_agree": float((mega.argmax(-1) == peft_logits.argmax(-1)).float().mean())}
 
 
+def _barrier() -> None:
+    import torch
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def export_final(cfg: ExperimentConfig, bridge, models, output_dir: Path) -> None:
-    """Rank 0: the LoRA adapter (checked by logits) or the full HF model, in the output dir."""
-    import json as _json
-    if global_rank() != 0:
-        return
+    """Every rank (the bridge's exporters gather over the model-parallel ranks); rank 0 writes. LoRA: the HF PEFT
+    adapter, checked by logits against the bridge's LoRA model when the model is whole on rank 0 (TP = PP = 1);
+    SFT: the full HF model (``save_hf_pretrained``)."""
+    rank0 = global_rank() == 0
     if cfg.method == "lora":
-        out = write_peft_adapter(bridge, models, cfg.lora, cfg.model.hf_path, output_dir / ADAPTER_DIR)
-        hf = _json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
-        report = verify_adapter(models, cfg.model.hf_path, out, int(hf["vocab_size"]))
-        write_text_atomic(out / "verify.json", _json.dumps(report, indent=2) + "\n")
-        print(f"bridge: adapter {out}: logits vs the bridge's LoRA model max |diff| {report['max_abs_diff']:.2e}",
-              flush=True)
+        tensors = adapter_tensors(bridge, models)
+        if rank0:
+            out = write_peft_adapter(tensors, cfg.lora, cfg.model.hf_path, output_dir / ADAPTER_DIR)
+            if cfg.parallel.tensor_model_parallel_size == cfg.parallel.pipeline_model_parallel_size == 1:
+                hf = json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
+                report = verify_adapter(models, cfg.model.hf_path, out, int(hf["vocab_size"]))
+                write_text_atomic(out / "verify.json", json.dumps(report, indent=2) + "\n")
+                print(f"bridge: adapter {out}: logits vs the bridge's LoRA model max |diff| "
+                      f"{report['max_abs_diff']:.2e}", flush=True)
     else:
-        tmp = output_dir / (MODEL_DIR + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp, final = output_dir / (MODEL_DIR + ".tmp"), output_dir / MODEL_DIR
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
         bridge.save_hf_pretrained(models, str(tmp))
-        final = output_dir / MODEL_DIR
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _barrier()
+        if rank0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    _barrier()
 
 
 # ---------------------------------------------------------------------------------------------

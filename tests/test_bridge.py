@@ -267,3 +267,27 @@ def test_sft_gives_the_nemo_backends_loss_at_every_step(bridge_py, tiny, tmp_pat
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
     assert bridge[-1]["loss"] < bridge[0]["loss"] - 0.3
     assert (tmp_path / "bridge" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_matches_one_process(bridge_py, tiny, tmp_path):
+    """Two processes through torchrun (gloo), micro-batch 1, global batch 8: the single process's loss and
+    grad norm at every step (summed in another order: 1e-5), the whole global batch's counts in rank 0's
+    metrics.jsonl, and the adapter exported by every rank together (the exporter gathers) and written once."""
+    common = ["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), f"model.hf_path={tiny['model']}",
+              f"data.dataset_dir={tiny['data']}", "train.max_steps=3", "train.micro_batch_size=1",
+              "train.global_batch_size=8", "tracking.tensorboard=false"]
+    runs = {}
+    for n in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] if n > 1 else []
+        r = subprocess.run([str(bridge_py), "-W", "ignore", *launcher, "-m", "recipes.bridge_backend", "run", *common,
+                            f"output_dir={tmp_path / f'dp{n}'}", f"train.num_devices={n}"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        runs[n] = read_metrics(tmp_path / f"dp{n}")
+    assert [r["step"] for r in runs[2]] == [r["step"] for r in runs[1]] == [1, 2, 3]
+    for a, b in zip(runs[1], runs[2]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert (a["tokens"], a["loss_tokens"], a["samples"]) == (b["tokens"], b["loss_tokens"], b["samples"])
+    assert (tmp_path / "dp2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "dp2").glob("adapter.tmp*"))
