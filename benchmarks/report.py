@@ -40,7 +40,7 @@ from benchmarks.flops import FlopsModel, flops_model, matmul_params, model_shape
 from benchmarks.runs import Run, RunsDiffer, compare_runs, load_run, run_data_fingerprint
 from recipes.fileio import write_text_atomic
 
-COLORS = {"hf": "tab:orange", "nemo": "tab:green"}
+COLORS = {"hf": "tab:orange", "nemo": "tab:green", "bridge": "tab:purple"}
 GIB = 2 ** 30
 
 # shared/reference/perf-anchors.md, as data. "method": which of our runs it sits beside.
@@ -276,7 +276,29 @@ def summarize(runs: list[Run], warmup: Optional[int] = None) -> dict:
                           "step_time_reduction": (hf["step_time_median_s"] - nemo["step_time_median_s"]) / hf["step_time_median_s"],
                           "reduction_ci95": None if ci is None else (1 - 1 / ci[0], 1 - 1 / ci[1]),
                           "throughput_ratio_nemo_over_hf": nemo["tokens_per_s_per_device"] / hf["tokens_per_s_per_device"]}
+    if set(by) >= {"bridge", "nemo"} and len(stats) == len(by):
+        out["bridge_vs_nemo"] = bridge_vs_nemo(by["nemo"], by["bridge"], next(r for r in runs if r.backend == "nemo"),
+                                               next(r for r in runs if r.backend == "bridge"))
     return out
+
+
+def bridge_vs_nemo(nemo: dict, bridge: dict, nemo_run, bridge_run) -> dict:
+    """Megatron-Bridge 0.3 (megatron-core 0.16) against NeMo 2.1 (megatron-core 0.10), step by step: the speed
+    ratio, and whether they trained on the same data (per-step token counts) with the same lr and loss."""
+    ratio = nemo["step_time_median_s"] / bridge["step_time_median_s"]
+    a = {r["step"]: r for r in nemo_run.metrics}
+    b = {r["step"]: r for r in bridge_run.metrics}
+    steps = sorted(set(a) & set(b))
+    same_data = bool(steps) and all((a[s]["tokens"], a[s]["loss_tokens"]) == (b[s]["tokens"], b[s]["loss_tokens"])
+                                    for s in steps)
+    lr = [abs((a[s]["lr"] or 0.0) - (b[s]["lr"] or 0.0)) for s in steps]
+    loss = [abs(a[s]["loss"] - b[s]["loss"]) for s in steps if a[s]["loss"] is not None and b[s]["loss"] is not None]
+    return {"t_nemo_over_t_bridge": ratio, "ratio_ci95": bootstrap_ratio_ci(nemo["step_times_s"], bridge["step_times_s"]),
+            "throughput_ratio_bridge_over_nemo": bridge["tokens_per_s_per_device"] / nemo["tokens_per_s_per_device"],
+            "steps_compared": len(steps), "same_tokens_every_step": same_data,
+            "lr_max_abs_diff": max(lr) if lr else None,
+            "lr_differs_steps": [s for s, d in zip(steps, lr) if d > 1e-12],
+            "loss_max_abs_diff": max(loss) if loss else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +501,28 @@ def render_markdown(summary: dict, plots: list[str], diff_notes: list[str], run_
               "the tokens/s ratio corrects for that."]
     else:
         L.append("Needs exactly one `hf` and one `nemo` run.")
+    bv = summary.get("bridge_vs_nemo")
+    if bv:
+        ci = bv["ratio_ci95"]
+        L += ["", "## Megatron-Bridge against NeMo 2.1", "",
+              "Both run Megatron-Core (NeMo 2.1: megatron-core 0.10 under Lightning; Megatron-Bridge 0.3: megatron-core "
+              "0.16 under the bridge's own loop), on the same prepared data in the same sample order.", "",
+              "| measure | value |", "|---|---|",
+              f"| t_nemo / t_bridge (median step) | **{bv['t_nemo_over_t_bridge']:.3f}x** "
+              + (f"(bootstrap 95 %: {ci[0]:.3f} to {ci[1]:.3f}) |" if ci else "(too few steps for an interval) |"),
+              f"| tokens/s ratio bridge / nemo | {bv['throughput_ratio_bridge_over_nemo']:.3f}x |",
+              f"| same tokens and loss tokens at every step | {'yes' if bv['same_tokens_every_step'] else 'NO'} "
+              f"({bv['steps_compared']} steps) |",
+              f"| max \\|Δlr\\| | {_f(bv['lr_max_abs_diff'], '.3g')} (steps {bv['lr_differs_steps'] or 'none'}) |",
+              f"| max \\|Δloss\\| | {_f(bv['loss_max_abs_diff'], '.3g')} |", "",
+              "Which differences are the frameworks': the warmup formula (Megatron's scheduler gives step s "
+              "lr·s/warmup, NeMo 2.1's lr·(s+1)/(warmup+1): the lr rows above), LoRA's random A initialisation "
+              "(each framework draws its own), and the loss of a step with several micro-batches (NeMo 2.1: the "
+              "mean of the micro-batches' per-token means). With full SFT, no warmup and one micro-batch per step the "
+              "two give the same loss at every step (tests/test_bridge.py); any remaining speed difference is the "
+              "frameworks' (loop, megatron-core version, kernels)."]
+        if not bv["same_tokens_every_step"]:
+            L.append("\n> The two runs did not see the same tokens at every step: the loss rows compare different data.\n")
     L += ["", "## Published anchors (beside ours)", "",
           "From shared/reference/perf-anchors.md. Different hardware, model, precision and packing: context, "
           "not targets" + (" — and ours is a CPU run." if cpu else "."), "",

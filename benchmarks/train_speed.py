@@ -1,6 +1,6 @@
-"""Training-speed benchmark: the NeMo and HF backends on the same config and data, one after another.
+"""Training-speed benchmark: the NeMo, HF (and Megatron-Bridge) backends on the same config and data, one after another.
 
-    python -m benchmarks.train_speed --config nemo_configs/tiny_lora.yaml --backends nemo,hf \\
+    python -m benchmarks.train_speed --config nemo_configs/tiny_lora.yaml --backends nemo,hf[,bridge] \\
         --steps 10 --output runs/bench_tiny [train.warmup_steps_excluded=2 ...]
 
 What it does:
@@ -38,15 +38,22 @@ from benchmarks.runs import RUN_INFO_FILE, compare_runs, data_fingerprint, load_
 from benchmarks.sampler import SAMPLES_FILE, ResourceSampler, read_samples, visible_gpu_indices
 from recipes.fileio import write_json_atomic
 
-BACKENDS = ("nemo", "hf")
-VERSIONED = ("torch", "transformers", "peft", "trl", "nemo_toolkit", "megatron-core", "lightning", "nvidia-ml-py")
+BACKENDS = ("nemo", "hf", "bridge")
+VERSIONED = ("torch", "transformers", "peft", "trl", "nemo_toolkit", "megatron-core", "megatron-bridge", "lightning",
+             "nvidia-ml-py")
 
 
 # ---------------------------------------------------------------------------------------------
 # recorded with each run
 
 
-def library_versions() -> dict[str, Optional[str]]:
+def library_versions(python: Optional[str | Path] = None) -> dict[str, Optional[str]]:
+    """The versions of :data:`VERSIONED` in this environment, or in ``python``'s (the bridge's own venv)."""
+    if python is not None and Path(python) != Path(sys.executable):
+        code = ("import importlib.metadata as m, json\nout = {}\nfor n in %r:\n    try:\n        out[n] = m.version(n)\n"
+                "    except m.PackageNotFoundError:\n        out[n] = None\nprint(json.dumps(out))" % (VERSIONED,))
+        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        return json.loads(r.stdout) if r.returncode == 0 else {n: None for n in VERSIONED}
     out = {}
     for name in VERSIONED:
         try:
@@ -72,12 +79,25 @@ def _git_commit() -> Optional[str]:
 def backend_command(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
                     processes: int = 1) -> list[str]:
     """``python -m recipes.finetune`` for one backend. HF with several processes on this machine goes through
-    torchrun (every process a data-parallel rank); NeMo's Lightning trainer starts its own processes."""
+    torchrun (every process a data-parallel rank); NeMo's Lightning trainer starts its own processes; the
+    bridge with several processes is its own venv's torchrun over ``recipes.bridge_backend run``."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    if backend == "bridge" and processes > 1:
+        from recipes.bridge_recipe import bridge_python
+        return [str(bridge_python()), *torchrun, "-m", "recipes.bridge_backend", "run", "--config", str(config),
+                "--output", str(run_dir), *overrides]
     cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(config), "--backend", backend,
            "--output", str(run_dir), *overrides]
     if backend == "hf" and processes > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        cmd[1:1] = torchrun
     return cmd
+
+
+def _backend_python(backend: str) -> Optional[Path]:
+    if backend != "bridge":
+        return None
+    from recipes.bridge_recipe import bridge_python
+    return bridge_python()
 
 
 def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
@@ -123,7 +143,7 @@ def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list
             "hardware": {"gpus": [g["name"] for g in meta["gpus"]], "nvml": meta["nvml"],
                          "nvml_error": meta["nvml_error"], "driver": meta["driver"],
                          "cpu_model": meta["cpu_model"], "cpu_count": meta["cpu_count"], "host": meta["host"]},
-            "sampler": end, "versions": library_versions(), "git_commit": _git_commit(), **(inputs or {})}
+            "sampler": end, "versions": library_versions(_backend_python(backend)), "git_commit": _git_commit(), **(inputs or {})}
     write_json_atomic(run_dir / RUN_INFO_FILE, info)
     return info
 
@@ -147,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (nemo_configs/*.yaml)")
-    ap.add_argument("--backends", default="nemo,hf", help="comma-separated, run in this order (default: %(default)s)")
+    ap.add_argument("--backends", default="nemo,hf", help="comma-separated from nemo,hf,bridge, run in this order (default: %(default)s; bridge "
+                         "needs .venv-bridge: make bridge-install)")
     ap.add_argument("--steps", type=int, help="optimizer steps per backend (train.max_steps)")
     ap.add_argument("--output", required=True, help="benchmark dir: runs/<backend>/, report.md, PNGs")
     ap.add_argument("--interval", type=float, default=0.5, help="sampler interval in seconds (default: %(default)s)")

@@ -1,6 +1,7 @@
 """benchmarks.runs and benchmarks.train_speed: fingerprints, the refusal to compare unlike runs (on
 recorded fixtures), the command line, and (slow) a real two-backend benchmark of the tiny config."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -126,14 +127,20 @@ def test_cli_refuses_existing_run_dir_and_bad_backends(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_benchmark_of_both_backends(tiny_model_dir, tmp_path):
-    """3 steps of the tiny LoRA config with NeMo, then HF, sampled, checked and reported."""
+def test_real_benchmark_of_the_three_backends(tiny_model_dir, tmp_path):
+    """3 steps of the tiny LoRA config with NeMo, HF, then Megatron-Bridge (its own venv), sampled, checked and
+    reported."""
+    from recipes.bridge_recipe import bridge_python
+    try:
+        bridge_python()
+    except FileNotFoundError as e:
+        pytest.skip(str(e)) if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") != "1" else pytest.fail(str(e))
     out = tmp_path / "bench"
-    rc = main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backends", "nemo,hf", "--steps", "3",
+    rc = main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backends", "nemo,hf,bridge", "--steps", "3",
                "--output", str(out), "--interval", "0.25", f"model.hf_path={tiny_model_dir}",
                f"data.dataset_dir={tmp_path / 'data'}", f"data.source={ROOT / 'datasets/demo_pairs.jsonl'}"])
     assert rc == 0
-    for b in ("nemo", "hf"):
+    for b in ("nemo", "hf", "bridge"):
         d = out / "runs" / b
         info = json.loads((d / "bench_run.json").read_text())
         assert info["status"] == "ok" and info["env"]["OMP_NUM_THREADS"]
@@ -147,6 +154,13 @@ def test_real_benchmark_of_both_backends(tiny_model_dir, tmp_path):
         assert t[0] < run.metrics[0]["mono_s"] and run.metrics[-1]["mono_s"] < t[-1] + 0.3
     report = (out / "report.md").read_text()
     assert "Training benchmark (CPU)" in report and "t_hf / t_nemo" in report
+    assert "t_nemo / t_bridge" in report
+    bridge_info = json.loads((out / "runs" / "bridge" / "bench_run.json").read_text())
+    assert bridge_info["versions"]["megatron-bridge"] and bridge_info["versions"]["megatron-core"].startswith("0.16")
+    summary = json.loads((out / "summary.json").read_text())
+    bv = summary["bridge_vs_nemo"]
+    assert bv["same_tokens_every_step"] and bv["steps_compared"] == 3  # the same samples in the same order
+    assert bv["lr_differs_steps"] == [1, 2]  # only the warmup formula differs (tiny_lora: warmup_steps 2)
     assert all((out / p).is_file() for p in ("step_time.png", "utilization.png", "memory.png", "loss.png"))
 
 
@@ -159,3 +173,17 @@ def test_hf_with_several_processes_goes_through_torchrun(tmp_path):
     assert two[5:7] == ["-m", "recipes.finetune"]
     # NeMo's Lightning trainer starts its own processes from train.num_devices
     assert backend_command("c.yaml", "nemo", tmp_path, [], processes=2)[1:3] == ["-m", "recipes.finetune"]
+
+
+def test_bridge_with_several_processes_is_its_own_venvs_torchrun(tmp_path, monkeypatch):
+    import sys
+    from benchmarks.train_speed import backend_command
+    monkeypatch.setenv("FUNDCOMMENT_BRIDGE_PYTHON", sys.executable)  # any existing python stands in for the venv's
+    one = backend_command("c.yaml", "bridge", tmp_path, ["x=1"])
+    assert one[1:3] == ["-m", "recipes.finetune"] and one[one.index("--backend") + 1] == "bridge"
+    two = backend_command("c.yaml", "bridge", tmp_path, ["x=1"], processes=2)
+    assert two[0] == sys.executable and two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert two[5:8] == ["-m", "recipes.bridge_backend", "run"] and two[-1] == "x=1"
+    monkeypatch.setenv("FUNDCOMMENT_BRIDGE_PYTHON", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="make bridge-install"):
+        backend_command("c.yaml", "bridge", tmp_path, [], processes=2)
