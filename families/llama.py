@@ -49,6 +49,8 @@ class Llama(ModelFamily):
     )
     config_prefixes = {"swallow_8b": "llama31_8b", "llama31_8b": "llama31_8b",
                        "swallow_70b": "llama31_70b", "llama31_70b": "llama31_70b"}
+    bridge_recipes = {"llama31_8b": "megatron.bridge.recipes.llama.llama3:llama31_8b_finetune_config",
+                      "llama31_70b": "megatron.bridge.recipes.llama.llama3:llama31_70b_finetune_config"}
 
     def check_supported(self, hf, path):
         super().check_supported(hf, path)

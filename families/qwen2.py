@@ -33,6 +33,7 @@ class Qwen2(ModelFamily):
              examples=("Qwen/Qwen2.5-72B-Instruct", "Nexusflow/Athene-V2-Chat")),
     )
     config_prefixes = {"qwen25_72b": "qwen25_72b", "athene_v2": "qwen25_72b"}
+    bridge_recipes = {"qwen25_72b": "megatron.bridge.recipes.qwen.qwen2:qwen25_72b_finetune_config"}
 
     def make_vocab_size_divisible_by(self, vocab_size):
         return 128  # as NeMo's importer; unused, the config carries vocab_size

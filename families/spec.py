@@ -302,6 +302,9 @@ class ModelFamily:
     known_architectures: ClassVar[tuple[dict, ...]] = ()
     # Config-name prefixes (nemo_configs/<prefix>_*.yaml) -> known architecture key.
     config_prefixes: ClassVar[dict[str, str]] = {}
+    # known architecture key -> Megatron-Bridge 0.3 finetune recipe ("module:function", NeMo 26.02), the
+    # reference recipes.bridge_recipe compares a production config with
+    bridge_recipes: ClassVar[dict[str, str]] = {}
     # HF config fields a random test model of this family sets beyond the shape (recipes.models tiny)
     tiny_hf_overrides: ClassVar[dict] = {}
 

@@ -157,7 +157,9 @@ def validates(cfg: ExperimentConfig) -> bool:
     """Whether the bridge can validate: its batch sampler drops an incomplete global batch, so a validation
     file with fewer rows than ``train.global_batch_size`` gives an empty loader, and the bridge's
     ``cyclic_iter`` then loops forever at the first evaluation (measured: a hang, no error). Such a run
-    trains without validation (:func:`describe` and the run's log say so)."""
+    trains without validation (the run's log says so)."""
+    if not (Path(cfg.data.dataset_dir) / "validation.jsonl").is_file():
+        return True  # not prepared yet (a dry run): the run decides once the data exists
     return validation_rows(cfg) >= cfg.train.global_batch_size
 
 
@@ -221,15 +223,120 @@ def build_config(cfg: ExperimentConfig, output_dir: str | Path, base: Optional[s
     return c
 
 
-def describe(cfg: ExperimentConfig, output_dir: str | Path | None = None, cpu: bool = True) -> str:
-    """``--dry-run``: the config as YAML, then the resolved ConfigContainer (the bridge's own YAML dump)."""
-    import io
+# ---------------------------------------------------------------------------------------------
+# the bridge's own recipe for the same model, as the reference
+
+
+# (label, attribute path in a ConfigContainer): what a production config is compared on; the parallel layout first
+COMPARED = (
+    ("tensor_model_parallel_size", "model.tensor_model_parallel_size"),
+    ("pipeline_model_parallel_size", "model.pipeline_model_parallel_size"),
+    ("virtual_pipeline_model_parallel_size", "model.virtual_pipeline_model_parallel_size"),
+    ("context_parallel_size", "model.context_parallel_size"),
+    ("sequence_parallel", "model.sequence_parallel"),
+    ("lora dim", "peft.dim"), ("lora alpha", "peft.alpha"), ("lora dropout", "peft.dropout"),
+    ("lora target_modules", "peft.target_modules"),
+    ("lr", "optimizer.lr"), ("min_lr", "optimizer.min_lr"), ("weight_decay", "optimizer.weight_decay"),
+    ("adam_beta1", "optimizer.adam_beta1"), ("adam_beta2", "optimizer.adam_beta2"), ("adam_eps", "optimizer.adam_eps"),
+    ("clip_grad", "optimizer.clip_grad"), ("use_distributed_optimizer", "optimizer.use_distributed_optimizer"),
+    ("lr_decay_style", "scheduler.lr_decay_style"), ("lr_warmup_iters", "scheduler.lr_warmup_iters"),
+    ("train_iters", "train.train_iters"), ("global_batch_size", "train.global_batch_size"),
+    ("micro_batch_size", "train.micro_batch_size"), ("eval_interval", "train.eval_interval"),
+    ("seq_length", "model.seq_length"), ("save_interval", "checkpoint.save_interval"), ("seed", "rng.seed"),
+)
+LAYOUT = COMPARED[:4]  # TP, PP, VPP, CP: how the model is cut over the GPUs (sequence parallel is listed as a value)
+
+
+def _get(container, path: str):
+    node = container
+    for part in path.split("."):
+        node = getattr(node, part, None) if node is not None else None
+    return list(node) if isinstance(node, tuple) else node
+
+
+def _hf_dir_for(cfg: ExperimentConfig, tmp: Path) -> tuple[Path, str]:
+    """The model's HF dir, or (not downloaded yet) a dir with the config.json of the architecture the config
+    names (recipes.memory, from the family files): the bridge builds its provider from config.json alone."""
+    from recipes.memory import resolve_architecture
+    arch, where = resolve_architecture(cfg)
+    hf = Path(cfg.model.hf_path)
+    if (hf / "config.json").is_file():
+        return hf, arch.key
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=1) + "\n", encoding="utf-8")
+    return tmp, arch.key
+
+
+def reference_recipe(cfg: ExperimentConfig, hf_dir: Path, arch_key: str):
+    """(name, ConfigContainer) of the bridge's own finetune recipe for this model (the family file's
+    ``bridge_recipes``), PEFT for method lora and full SFT otherwise; (None, None) when the bridge has none.
+    The recipe loads ``AutoBridge.from_hf_pretrained(<hub id>)``: it is pointed at ``hf_dir`` instead."""
+    import importlib
+    import unittest.mock
+    from megatron.bridge import AutoBridge
+
+    spec = families.get(families.for_hf(json.loads((hf_dir / "config.json").read_text())).name
+                        ).bridge_recipes.get(arch_key)
+    if spec is None:
+        return None, None
+    module, fn = spec.split(":")
+    recipe = getattr(importlib.import_module(module), fn)
+    original = AutoBridge.from_hf_pretrained.__func__
+    with unittest.mock.patch.object(AutoBridge, "from_hf_pretrained",
+                                    classmethod(lambda cls, path, **kw: original(cls, str(hf_dir), **kw))):
+        ref = recipe(peft="lora" if cfg.method == "lora" else None)
+    return f"{fn}(peft={'lora' if cfg.method == 'lora' else None!r})", ref
+
+
+def compare_with_reference(cfg: ExperimentConfig, ours, ref) -> list[dict]:
+    """One row per :data:`COMPARED` field: ours, the bridge recipe's, same or not."""
+    rows = []
+    for label, path in COMPARED:
+        if path.startswith("peft.") and (ours.peft is None and ref.peft is None):
+            continue
+        a, b = _get(ours, path), _get(ref, path)
+        same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-9))
+        rows.append({"field": label, "ours": a, "bridge_recipe": b, "same": bool(same), "layout": (label, path) in LAYOUT})
+    return rows
+
+
+def reference_report(cfg: ExperimentConfig, ours, hf_dir: Path, arch_key: str) -> tuple[str, dict]:
+    name, ref = reference_recipe(cfg, hf_dir, arch_key)
+    if ref is None:
+        return (f"# Megatron-Bridge 0.3 has no finetune recipe for {arch_key}: nothing to compare with",
+                {"recipe": None, "architecture": arch_key})
+    rows = compare_with_reference(cfg, ours, ref)
+    layout_same = all(r["same"] for r in rows if r["layout"])
+    lines = [f"# the bridge's own recipe for this model: {name} ({arch_key}); parallel layout "
+             f"{'the same' if layout_same else 'DIFFERENT'}; where this config differs from it:",
+             "# | field | this config | bridge recipe |", "# |---|---|---|"]
+    lines += [f"# | {r['field']} | {r['ours']!r} | {r['bridge_recipe']!r} |" for r in rows if not r["same"]]
+    return "\n".join(lines), {"recipe": name, "architecture": arch_key, "layout_same": layout_same, "rows": rows}
+
+
+def describe(cfg: ExperimentConfig, output_dir: str | Path | None = None, cpu: bool = True,
+             report: Optional[dict] = None) -> str:
+    """``--dry-run``: the config as YAML, the resolved ConfigContainer (the bridge's own YAML dump) and, for a
+    model the bridge has a finetune recipe of, where this config differs from that recipe. A model that is not
+    downloaded yet is described from the architecture the config names (its config.json written to a temp
+    dir). ``report``, when given, receives the comparison as data."""
     import contextlib
+    import dataclasses
+    import io
+    import tempfile
     out = Path(output_dir or cfg.output_dir)
-    base = default_base_path(cfg.model.hf_path)
-    c = build_config(cfg, out, base, cpu)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        c.print_yaml()
+    with tempfile.TemporaryDirectory(prefix="bridge-dry-run-") as tmp:
+        hf_dir, arch_key = _hf_dir_for(cfg, Path(tmp) / "hf")
+        note = "" if hf_dir == Path(cfg.model.hf_path) else (
+            f" ({cfg.model.hf_path} not downloaded: described from the {arch_key} architecture's config.json)")
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=str(hf_dir)))
+        base = default_base_path(cfg.model.hf_path)
+        c = build_config(run_cfg, out, base, cpu)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            c.print_yaml()
+        text, data = reference_report(cfg, c, hf_dir, arch_key)
+    if report is not None:
+        report.update(data)
     return "\n".join([cfg.to_yaml(), f"# Megatron-Bridge ConfigContainer for {cfg.name} ({cfg.method}), "
-                      f"{'CPU' if cpu else 'GPU'}; base checkpoint: {base}", buf.getvalue()])
+                      f"{'CPU' if cpu else 'GPU'}; base checkpoint: {base}{note}", buf.getvalue(), text])

@@ -291,3 +291,47 @@ def test_torchrun_data_parallel_matches_one_process(bridge_py, tiny, tmp_path):
         assert (a["tokens"], a["loss_tokens"], a["samples"]) == (b["tokens"], b["loss_tokens"], b["samples"])
     assert (tmp_path / "dp2" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "dp2").glob("adapter.tmp*"))
+
+
+# the bridge's own finetune recipe each production config is compared with (family files' bridge_recipes)
+PRODUCTION_RECIPES = {
+    "swallow_8b_lora": "llama31_8b_finetune_config(peft='lora')", "swallow_8b_sft": "llama31_8b_finetune_config(peft=None)",
+    "swallow_70b_lora": "llama31_70b_finetune_config(peft='lora')",
+    "llama31_70b_lora": "llama31_70b_finetune_config(peft='lora')",
+    "swallow_70b_sft": "llama31_70b_finetune_config(peft=None)",
+    "qwen25_72b_lora": "qwen25_72b_finetune_config(peft='lora')", "athene_v2_lora": "qwen25_72b_finetune_config(peft='lora')",
+    "mistral_7b_lora": None,
+}
+
+
+def test_production_configs_resolve_to_the_bridges_own_recipes(bridge_py, tmp_path):
+    """Every production YAML dry-runs into a bridge ConfigContainer (the model not downloaded: described from
+    its architecture's config.json), is matched with the bridge's finetune recipe of that model (Swallow through
+    the Llama bridge, Athene-V2 through Qwen2), has the recipe's parallel layout (TP/PP/VPP/CP) and lists the
+    values where it differs from it."""
+    names = sorted(PRODUCTION_RECIPES)
+    out = _py(bridge_py, f"""
+        import json
+        from recipes.bridge_shim import import_bridge
+        import_bridge()
+        from recipes.bridge_recipe import describe
+        from recipes.config import load_config
+        res = {{}}
+        for name in {names!r}:
+            cfg = load_config(f"nemo_configs/{{name}}.yaml", ["model.hf_path={tmp_path}/not-downloaded/" + name])
+            report = {{}}
+            text = describe(cfg, cpu=False, report=report)
+            res[name] = {{"report": report, "text_tail": text[-3000:]}}
+        print(json.dumps(res, default=str))
+    """, timeout=600)
+    for name, recipe in PRODUCTION_RECIPES.items():
+        rep = out[name]["report"]
+        assert rep["recipe"] == recipe, name
+        if recipe is None:
+            assert "has no finetune recipe" in out[name]["text_tail"]
+            continue
+        assert rep["layout_same"], (name, [r for r in rep["rows"] if r["layout"] and not r["same"]])
+        differ = {r["field"]: (r["ours"], r["bridge_recipe"]) for r in rep["rows"] if not r["same"]}
+        assert differ["global_batch_size"] == (32, 128), name  # ours: ~3,000 pairs; the recipe: SQuAD
+        assert f"| global_batch_size | 32 | 128 |" in out[name]["text_tail"]
+        assert all(r["same"] for r in rep["rows"] if r["field"] in ("tensor_model_parallel_size", "lr_decay_style"))
