@@ -42,10 +42,15 @@ CPU_MODEL_SETTINGS = dict(use_cpu_initialization=True, fp16=False, bf16=False, b
 
 
 def bridge_python() -> Path:
-    """The Python of the bridge's environment: ``$FUNDCOMMENT_BRIDGE_PYTHON``, else ``.venv-bridge`` beside
-    this checkout (``make bridge-install``). FileNotFoundError naming the way to build it."""
+    """The Python of the bridge's environment: ``$FUNDCOMMENT_BRIDGE_PYTHON``, else this one when it has
+    megatron.bridge (a NeMo 26.02 container), else ``.venv-bridge`` beside this checkout (``make bridge-install``).
+    FileNotFoundError naming the way to build it."""
+    import importlib.util
     import os
+    import sys
     env = os.environ.get("FUNDCOMMENT_BRIDGE_PYTHON")
+    if not env and importlib.util.find_spec("megatron") and importlib.util.find_spec("megatron.bridge"):
+        return Path(sys.executable)  # this environment has the bridge (the image of Dockerfile.bridge)
     p = Path(env) if env else Path(__file__).resolve().parents[1] / ".venv-bridge" / "bin" / "python"
     if not p.exists():
         raise FileNotFoundError(f"{p}: the Megatron-Bridge environment is not installed; run `make bridge-install` "

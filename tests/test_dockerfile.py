@@ -143,9 +143,9 @@ def test_hadolint_is_not_blind():
 # replay: stage what the Dockerfile copies, install and check as it does
 
 
-def stage(dest: Path, skip: str | None = None) -> None:
+def stage(dest: Path, skip: str | None = None, instr=None) -> None:
     """Copy what the COPY lines copy into ``dest`` (the WORKDIR), optionally leaving one source out."""
-    for word, args in INSTR:
+    for word, args in instr or INSTR:
         if word != "COPY":
             continue
         *sources, target = [a for a in shlex.split(args) if not a.startswith("--")]
@@ -161,14 +161,15 @@ def stage(dest: Path, skip: str | None = None) -> None:
                 shutil.copy2(s, t)
 
 
-def replay(dest: Path, prefix: Path) -> subprocess.CompletedProcess:
+def replay(dest: Path, prefix: Path, instr=None, python: str | Path | None = None) -> subprocess.CompletedProcess:
     """The project's install RUN (pip into a throwaway prefix, so this environment's own install is left
-    alone) and the closing-checks RUN, executed by bash in the staged dir with this environment's python."""
-    runs = [args for word, args in INSTR if word == "RUN"]
+    alone) and the closing-checks RUN, executed by bash in the staged dir with this environment's python (or
+    ``python``: the environment that stands in for the image's container)."""
+    runs = [args for word, args in instr or INSTR if word == "RUN"]
     install = next(r for r in runs if any(c[-2:] == ["-e", "."] for c in pip_installs(r)))
     checks = runs[-1]
     assert checks != install and "python" in checks
-    py = Path(sys.executable)
+    py = Path(python or sys.executable)
     install = install.replace("pip install", f"{shlex.quote(str(py))} -m pip install --prefix {shlex.quote(str(prefix))}", 1)
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     env.update(PATH=f"{py.parent}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
