@@ -517,10 +517,11 @@ def render_markdown(summary: dict, plots: list[str], diff_notes: list[str], run_
               f"| max \\|Δloss\\| | {_f(bv['loss_max_abs_diff'], '.3g')} |", "",
               "Which differences are the frameworks': the warmup formula (Megatron's scheduler gives step s "
               "lr·s/warmup, NeMo 2.1's lr·(s+1)/(warmup+1): the lr rows above), LoRA's random A initialisation "
-              "(each framework draws its own), and the loss of a step with several micro-batches (NeMo 2.1: the "
-              "mean of the micro-batches' per-token means). With full SFT, no warmup and one micro-batch per step the "
-              "two give the same loss at every step (tests/test_bridge.py); any remaining speed difference is the "
-              "frameworks' (loop, megatron-core version, kernels)."]
+              "(each framework draws its own unless `lora.a_init_seed` is set), and the logged loss of a step with "
+              "several micro-batches (NeMo 2.1: the mean of the micro-batches' per-token means; the bridge: the "
+              "per-token mean of the global batch). With no warmup, one micro-batch per step and, for LoRA, "
+              "`lora.a_init_seed`, the two give the same loss at every step (tests/test_bridge.py); any remaining "
+              "speed difference is the frameworks' (loop, megatron-core version, kernels)."]
         if not bv["same_tokens_every_step"]:
             L.append("\n> The two runs did not see the same tokens at every step: the loss rows compare different data.\n")
     L += ["", "## Published anchors (beside ours)", "",

@@ -202,6 +202,11 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
             if parallel_state.model_parallel_is_initialized():
                 self.timer.count_group = parallel_state.get_data_parallel_group()
             forward.sink = lambda counts: self.timer.add_batch(**counts)
+            if cfg.method == "lora" and cfg.lora.a_init_seed is not None and step == 0:  # not on resume
+                from recipes.lora_init import apply_seeded_lora_a
+                n = apply_seeded_lora_a(context.model, cfg.lora.a_init_seed, cfg.parallel.tensor_model_parallel_size,
+                                        optimizer=context.optimizer)
+                print(f"bridge: lora.a_init_seed={cfg.lora.a_init_seed}: {n} LoRA A matrices set", flush=True)
 
         def on_train_step_start(self, context):
             self.timer.begin()
@@ -402,8 +407,22 @@ def main(argv: list[str] | None = None) -> int:
         import_bridge()
         print(bridge_recipe.describe(cfg, cpu=is_cpu() and not _targets_gpu(cfg)))
         return 0
+    rank_env_from_slurm(os.environ)
     print(f"done: {run(cfg)}")
     return 0
+
+
+def rank_env_from_slurm(environ) -> None:
+    """A task of a Slurm job step (``recipes.finetune --backend bridge --executor slurm``: one task per device,
+    no torchrun) has Slurm's rank variables only. The bridge falls back to them itself (``get_rank_safe``:
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the address from SLURM_NODELIST, a port from the job id); this
+    module's work before torch.distributed starts (``global_rank`` reads RANK: the base checkpoint, the
+    resolved config) must see the same rank, so RANK/WORLD_SIZE/LOCAL_RANK are set from them when torchrun's
+    are not there."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return
+    environ["RANK"], environ["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+    environ.setdefault("LOCAL_RANK", environ.get("SLURM_LOCALID", "0"))
 
 
 def _targets_gpu(cfg: ExperimentConfig) -> bool:

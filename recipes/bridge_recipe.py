@@ -15,9 +15,10 @@ make the libraries run at all are :mod:`recipes.bridge_shim`'s.
 
 Known differences from the NeMo 2.1 recipe (same config values, different formulas in the libraries):
 Megatron's scheduler warms up as ``lr*s/warmup`` at step ``s`` (0-based; NeMo 2.1: ``lr*(s+1)/(warmup+1)``),
-identical after warmup. The loss is Megatron-Core's in both: the mean of the micro-batches' per-token means
-in NeMo 2.1 (megatron-core 0.10), the per-token mean of the whole global batch in megatron-core 0.16's
-``calculate_per_token_loss`` path only when the bridge's config asks for it (it does not by default).
+identical after warmup. The logged loss of a step with several micro-batches: NeMo 2.1 reports the mean of the
+micro-batches' per-token means, the bridge the per-token mean of the whole global batch (measured: its step-1
+loss with two micro-batches of 4 equals the one-micro-batch-of-8 value, NeMo's does not). LoRA's A is drawn by
+each framework from its own RNG unless ``lora.a_init_seed`` sets the same one (``recipes.lora_init``).
 """
 from __future__ import annotations
 

@@ -52,6 +52,10 @@ class LoraConfig:
     # linear_fc1 -> gate_proj,up_proj; linear_fc2 -> down_proj. NeMo's fused QKV LoRA shares one A
     # across q/k/v, so HF has 2*r*hidden more trainable parameters per layer for linear_qkv.
     target_modules: tuple[str, ...] = NEMO_LORA_TARGETS
+    # None: each framework initialises A itself. An int: every backend starts from the same A matrices (recipes.
+    # lora_init: seeded Xavier-uniform per module; HF's q/k/v (gate/up) get the fused module's A), so runs of
+    # different frameworks start from the same model. Needs tensor_model_parallel_size 1.
+    a_init_seed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,8 @@ def _check(obj, prefix: str, where: str) -> None:
         bad = [t for t in obj.target_modules if t not in NEMO_LORA_TARGETS]
         if bad or not obj.target_modules:
             raise ConfigError(f"{where}: {prefix}target_modules: {bad or 'empty'}; allowed {list(NEMO_LORA_TARGETS)}")
+        if obj.a_init_seed is not None and obj.a_init_seed < 0:
+            raise ConfigError(f"{where}: {prefix}a_init_seed: must be >= 0 or null, got {obj.a_init_seed}")
     elif isinstance(obj, OptimConfig):
         _positive(obj, ["lr"], prefix, where)
         _positive(obj, ["min_lr", "warmup_steps", "weight_decay", "clip_grad"], prefix, where, allow_zero=True)

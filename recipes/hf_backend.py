@@ -285,6 +285,11 @@ class HFRecipe:
             processing_class=tok, data_collator=PadCollator(tok.pad_token_id), peft_config=peft_config,
             callbacks=callbacks)
         token_mean_loss_over_the_global_batch(self.trainer)
+        if cfg.method == "lora" and cfg.lora.a_init_seed is not None:  # the Megatron backends' starting adapter
+            import families
+            from recipes.lora_init import apply_seeded_lora_a_hf
+            n = apply_seeded_lora_a_hf(self.trainer.model, cfg.lora.a_init_seed, families.get(cfg.model.family))
+            print(f"hf: lora.a_init_seed={cfg.lora.a_init_seed}: {n} LoRA A matrices set", flush=True)
 
     def train(self) -> Path:
         self.trainer.train()

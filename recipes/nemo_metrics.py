@@ -34,13 +34,18 @@ class MetricsCallback(Callback):
     :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``; the grad
     norm is the ``grad_norm`` NeMo's MegatronStrategy logs from the optimizer step's return value.
 
+    With ``lora_a_init_seed`` (``lora.a_init_seed``) the LoRA A matrices are set by ``recipes.lora_init`` at the
+    start of a fresh run (the other backends' starting adapter).
+
     An MLflow logger among them (``tracking.mlflow``) gets the resolved config (``resolved_config.yaml``
     in the output dir) as ``section.key`` parameters at the start, and its run is written to
     ``mlflow_run.json`` (benchmarks.tracking).
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, lora_a_init_seed: int | None = None, tensor_parallel_size: int = 1):
         self.output_dir = str(output_dir)
+        self.lora_a_init_seed = lora_a_init_seed
+        self.tensor_parallel_size = tensor_parallel_size
         self.timer = None
         self._lr = None
 
@@ -52,6 +57,9 @@ class MetricsCallback(Callback):
                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
             write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
+        # lora.a_init_seed, on a fresh run only; NeMo 2.1's PEFT transform adds the adapters (and rebuilds the
+        # optimizer) at the start of the first training epoch, after this hook: set them before the first batch
+        self._a_init_pending = self.lora_a_init_seed is not None and trainer.global_step == 0
         from megatron.core import parallel_state
         if parallel_state.model_parallel_is_initialized():  # TP/PP ranks share micro-batches: sum over DP only
             self.timer.count_group = parallel_state.get_data_parallel_group()
@@ -70,6 +78,13 @@ class MetricsCallback(Callback):
                                         logger.experiment_id, logger.run_id, logger._run_name)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if getattr(self, "_a_init_pending", False):
+            from recipes.lora_init import apply_seeded_lora_a
+            opt = trainer.optimizers[0] if trainer.optimizers else None
+            n = apply_seeded_lora_a(pl_module, self.lora_a_init_seed, self.tensor_parallel_size,
+                                    optimizer=getattr(opt, "mcore_optimizer", opt))
+            print(f"nemo: lora.a_init_seed={self.lora_a_init_seed}: {n} LoRA A matrices set", flush=True)
+            self._a_init_pending = False
         self.timer.begin()
         self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 

@@ -139,7 +139,9 @@ def trainer_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
         logger=False,  # only NeMoLogger's loggers (tracking); Lightning's default would write ./lightning_logs
         strategy=strategy_config(cfg.parallel, cpu),
         plugins=run.Config(nl.MegatronMixedPrecision, precision=NEMO_PRECISION[t.precision]),
-        callbacks=[run.Config(MetricsCallback, output_dir=str(Path(output_dir).absolute()))])
+        callbacks=[run.Config(MetricsCallback, output_dir=str(Path(output_dir).absolute()),
+                              lora_a_init_seed=cfg.lora.a_init_seed if cfg.method == "lora" else None,
+                              tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)])
 
 
 def optim_config(optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig, cpu: bool):
