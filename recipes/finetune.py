@@ -4,6 +4,8 @@
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo train.max_steps=5
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend nemo --dry-run
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend bridge   # Megatron-Bridge
+    python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend bridge --executor local \
+        train.num_devices=2                                          # NeMo-Run: torchrun, 2 processes
 
 Before training it makes sure the inputs exist (``recipes.inputs.ensure_inputs``): the model
 directory (built from ``model.preset`` when missing) and the prepared data (prepared from
@@ -11,7 +13,8 @@ directory (built from ``model.preset`` when missing) and the prepared data (prep
 ``--output`` or ``output_dir``: resolved_config.yaml, metrics.jsonl, and the adapter/model (HF) or
 NeMo checkpoints. ``--backend bridge`` runs ``recipes.bridge_backend`` in the Megatron-Bridge environment
 (``.venv-bridge``, ``make bridge-install``) on the same config and prepared inputs: Megatron checkpoints and,
-in HF format, ``adapter/`` (LoRA) or ``model/`` (SFT).
+in HF format, ``adapter/`` (LoRA) or ``model/`` (SFT); with ``--executor local|slurm`` NeMo-Run launches it
+on every rank (``recipes.launch``: the bridge venv's torchrun here, or one Slurm task per device).
 """
 from __future__ import annotations
 
@@ -40,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.backend in ("hf", "bridge") and args.executor:
-        ap.error("--executor is for --backend nemo (bridge: start `python -m recipes.bridge_backend run` with torchrun)")
+    if args.backend == "hf" and args.executor:
+        ap.error("--executor is for --backend nemo and --backend bridge")
+    if args.backend == "bridge" and args.executor:
+        # NeMo-Run: torchrun of the bridge's venv here, or sbatch (each task the bridge's python)
+        from recipes.launch import run_bridge_with_executor
+        return run_bridge_with_executor(args, cfg)
     if args.backend == "bridge":
         return _run_bridge(args, cfg)
     if args.backend == "nemo" and (args.executor or (args.dry_run and targets_gpu(cfg))):

@@ -25,6 +25,12 @@
 - :func:`add_executor_args` / :func:`build_executor` / :func:`run_with_executor` — the command-line
   part that ``recipes.finetune`` wires in.
 
+``--backend bridge`` (:func:`run_bridge_with_executor`) launches the same way, with a plain command instead of
+a recipe: ``run.Script`` of ``python -m recipes.bridge_backend run --config ... [overrides]`` on every rank
+(:func:`bridge_task`) — the bridge's venv's ``torchrun`` (its bin dir first on ``PATH``) for the local
+executor, the bridge's python as each Slurm task (``nvcr.io/nvidia/nemo:26.02``, the base of
+``Dockerfile.bridge``, by default; ``--container-image none``: ``.venv-bridge``'s python).
+
 Every path in the recipe (model, data, output) is resolved on the launching machine; on a cluster
 they must exist at the same paths inside the container, so mount them at identical paths
 (``--mount /lustre/x:/lustre/x``); the dry run lists recipe paths no mount covers.
@@ -46,6 +52,9 @@ from recipes.config import ExperimentConfig
 from recipes.fileio import write_text_atomic
 
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:24.12"
+BRIDGE_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:26.02"  # --backend bridge: the FROM of Dockerfile.bridge
+BRIDGE_MODULE = "recipes.bridge_backend"  # what every rank of --backend bridge runs: python -m BRIDGE_MODULE run ...
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NO_CONTAINER = "none"  # --container-image none: the ranks run on the node itself (HOST_SRUN)
 # NeMo-Run 0.3.0 writes every srun line for Pyxis: `--container-image IMG` (only with an image), always
 # `--container-mounts ...,<job dir>:/nemo_run --container-workdir /nemo_run/code`, and the task's config
@@ -346,9 +355,11 @@ def dry_run(cfg: ExperimentConfig, executor=None, gpu_memory_gb: float = 80.0) -
 
 def add_executor_args(parser: argparse.ArgumentParser) -> None:
     """``--executor local|slurm`` and the Slurm options, in their own argument group."""
-    g = parser.add_argument_group("NeMo-Run launch (--backend nemo)")
+    g = parser.add_argument_group("NeMo-Run launch (--backend nemo or bridge)")
     g.add_argument("--executor", choices=["local", "slurm"],
-                   help="run the NeMo recipe through NeMo-Run: torchrun on this machine, or sbatch on Slurm")
+                   help="run the NeMo recipe (or, with --backend bridge, `python -m recipes.bridge_backend run` in "
+                        "the bridge's environment on every rank) through NeMo-Run: torchrun on this machine, or "
+                        "sbatch on Slurm")
     g.add_argument("--nodes", type=int, help="Slurm nodes (default and required value: parallel.num_nodes)")
     g.add_argument("--gpus-per-node", type=int,
                    help="GPUs per node (default and required value: train.num_devices; for Slurm 0 is a CPU job, "
@@ -356,10 +367,11 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--account", help="Slurm account")
     g.add_argument("--partition", help="Slurm partition")
     g.add_argument("--time", default=DEFAULT_TIME, help="Slurm time limit (default: %(default)s)")
-    g.add_argument("--container-image", default=DEFAULT_CONTAINER_IMAGE,
-                   help="container for Slurm (Pyxis) (default: %(default)s; or your image built from Dockerfile.nemo); "
-                        f"'{NO_CONTAINER}': no container, the ranks run this python (its venv) and the code at the "
-                        "same paths on the nodes")
+    g.add_argument("--container-image", default=None,
+                   help=f"container for Slurm (Pyxis) (default: {DEFAULT_CONTAINER_IMAGE}, or your image built from "
+                        f"Dockerfile.nemo; with --backend bridge {BRIDGE_CONTAINER_IMAGE}, or your image built from "
+                        f"Dockerfile.bridge); '{NO_CONTAINER}': no container, the ranks run this python (its venv; "
+                        "--backend bridge: the bridge's venv) and the code at the same paths on the nodes")
     g.add_argument("--mount", action="append", default=[], metavar="SRC:DST",
                    help="container mount, repeatable; mount model/data/output dirs at the same path")
     g.add_argument("--tunnel", choices=["local", "ssh"], default="local",
@@ -394,7 +406,8 @@ def build_executor(args: argparse.Namespace, cfg: ExperimentConfig):
             raise LaunchError(f"--nodes {args.nodes}: the local executor runs on this machine only")
         return local_executor(cfg, env_vars=env, ntasks_per_node=args.gpus_per_node)
     return slurm_executor(cfg, account=args.account, partition=args.partition, nodes=args.nodes,
-                          gpus_per_node=args.gpus_per_node, container_image=args.container_image, mounts=args.mount,
+                          gpus_per_node=args.gpus_per_node,
+                          container_image=args.container_image or DEFAULT_CONTAINER_IMAGE, mounts=args.mount,
                           time=args.time, tunnel=args.tunnel, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
                           job_dir=args.job_dir, packager=args.packager, env_vars=env)
 
@@ -457,12 +470,18 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     if not slurm:
         run.run(task, executor=executor, name=cfg.name, tail_logs=True)
         return 0
+    return submit_slurm(task, executor, cfg.name, out)
+
+
+def submit_slurm(task, executor, name: str, out: Path) -> int:
+    """``task`` submitted with sbatch through NeMo-Run (returns once Slurm took it); ``<out>/slurm_job.json``."""
+    import nemo_run as run
     # run.run(..., detach=True) as an Experiment of our own: its base_dir (see experiment_base_dir) and the
     # Slurm job id to report
     from nemo_run.config import NEMORUN_HOME
     os.makedirs(NEMORUN_HOME, exist_ok=True)  # NeMo-Run 0.3.0 appends the job to $NEMORUN_HOME/.slurm_jobs after sbatch
-    with run.Experiment(cfg.name, executor=executor, base_dir=experiment_base_dir(executor)) as exp:
-        exp.add(task, name=cfg.name, tail_logs=False)
+    with run.Experiment(name, executor=executor, base_dir=experiment_base_dir(executor)) as exp:
+        exp.add(task, name=name, tail_logs=False)
         exp.run(detach=True)
     job = exp.jobs[0]
     job_id = str(job.handle).rstrip("/").rsplit("/", 1)[-1]
@@ -475,3 +494,171 @@ def run_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     print(f"submitted: Slurm job {job_id} (NeMo-Run experiment {exp._id}); its log on the cluster: {log} "
           f"(`squeue -j {job_id}`, `scontrol show job {job_id}`); {out / 'slurm_job.json'}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# --backend bridge: `python -m recipes.bridge_backend run` on every rank, in the bridge's environment
+
+
+def bridge_run_args(cfg: ExperimentConfig, config: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+    """``run --config <abs config> [overrides] model.hf_path=<abs> data.dataset_dir=<abs> output_dir=<abs>``:
+    the arguments after ``python -m recipes.bridge_backend``. The paths are resolved here, on the launching
+    machine (a Slurm task starts in NeMo-Run's job dir, not here), and must exist at the same paths on the
+    nodes/in the container."""
+    paths = {"model.hf_path": cfg.model.hf_path, "data.dataset_dir": cfg.data.dataset_dir}
+    if cfg.data.source:
+        paths["data.source"] = cfg.data.source
+    paths["output_dir"] = cfg.output_dir
+    return ["run", "--config", str(Path(config).absolute()), *overrides,
+            *(f"{k}={Path(v).absolute()}" for k, v in paths.items())]
+
+
+def bridge_task(cfg: ExperimentConfig, config: str | Path, overrides: Sequence[str] = (), python: str = "python"):
+    """``run.Script`` of ``<python> -m recipes.bridge_backend run ...`` (:func:`bridge_run_args`). Under the
+    torchrun launcher NeMo-Run turns it into ``torchrun ... -m recipes.bridge_backend run ...`` (the ``torchrun``
+    first on ``PATH`` runs its own python); as a Slurm task it is ``<python> -m recipes.bridge_backend run ...``."""
+    import nemo_run as run
+    return run.Script(path=BRIDGE_MODULE, m=True, entrypoint=python, args=bridge_run_args(cfg, config, overrides))
+
+
+def _bridge_python_or_error() -> Path:
+    from recipes.bridge_recipe import bridge_python
+    try:
+        return bridge_python()
+    except FileNotFoundError as e:
+        raise LaunchError(str(e)) from None
+
+
+def build_bridge_executor(args: argparse.Namespace, cfg: ExperimentConfig):
+    """(executor, python of the ranks, bridge python here or None) for ``--backend bridge --executor ...``.
+
+    Local: :func:`local_executor` with the bridge venv's bin dir first on the ranks' ``PATH`` (its ``torchrun``,
+    hence its python, run the ranks) and this checkout on ``PYTHONPATH``. Slurm: :func:`slurm_executor` with
+    ``--container-image`` defaulting to :data:`BRIDGE_CONTAINER_IMAGE` (its python has Megatron-Bridge: the
+    tasks run ``python``); ``none``: the tasks run the bridge venv's python by path, this checkout on
+    ``PYTHONPATH`` (the code at the same path on the nodes, as for ``--backend nemo``)."""
+    env = _parse_env(args.env)
+    if args.executor == "local":
+        if args.nodes not in (None, 1):
+            raise LaunchError(f"--nodes {args.nodes}: the local executor runs on this machine only")
+        py = _bridge_python_or_error()
+        pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = {"PATH": str(py.parent), "PYTHONPATH": pythonpath, **env}
+        return local_executor(cfg, env_vars=env, ntasks_per_node=args.gpus_per_node), str(py), py
+    image = args.container_image or BRIDGE_CONTAINER_IMAGE
+    no_container = image in ("", NO_CONTAINER)
+    py = None
+    if no_container:
+        py = _bridge_python_or_error()
+        env = {"PATH": f"{py.parent}:$PATH", "PYTHONPATH": f"{PROJECT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", **env}
+    else:
+        with contextlib.suppress(LaunchError):  # here only for the dry run's ConfigContainer and a CPU job's inputs
+            py = _bridge_python_or_error()
+    ex = slurm_executor(cfg, account=args.account, partition=args.partition, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, container_image=image, mounts=args.mount, time=args.time,
+                        tunnel=args.tunnel, ssh_host=args.ssh_host, ssh_user=args.ssh_user, job_dir=args.job_dir,
+                        packager=args.packager, env_vars=env)
+    return ex, (str(py) if no_container else "python"), py
+
+
+def _bridge_child_env() -> dict[str, str]:
+    """This environment without torchrun's rank variables (a child bridge process is a run of its own)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+
+
+def ensure_bridge_base(cfg: ExperimentConfig, py: Path) -> Path:
+    """The bridge's base checkpoint (``<hf_path>-megatron``) made here before the launch, by
+    ``<bridge python> -m recipes.bridge_backend import HF_DIR`` (cached), so the ranks only read it."""
+    import subprocess
+    from recipes.bridge_backend import import_is_complete
+    from recipes.bridge_recipe import default_base_path
+    base = default_base_path(cfg.model.hf_path)
+    if not import_is_complete(cfg.model.hf_path, base):
+        subprocess.run([str(py), "-m", BRIDGE_MODULE, "import", str(Path(cfg.model.hf_path).absolute())],
+                       check=True, cwd=PROJECT_ROOT, env=_bridge_child_env())
+    return base
+
+
+def _bridge_paths(cfg: ExperimentConfig, config: str | Path) -> list[str]:
+    from recipes.bridge_recipe import default_base_path
+    return [str(Path(config).absolute()), str(Path(cfg.model.hf_path).absolute()),
+            str(default_base_path(cfg.model.hf_path)), str(Path(cfg.data.dataset_dir).absolute()),
+            str(Path(cfg.output_dir).absolute())]
+
+
+def bridge_dry_run(args: argparse.Namespace, cfg: ExperimentConfig, executor, ranks_python: str,
+                   py: Optional[Path]) -> int:
+    """The bridge's own dry run (its resolved ConfigContainer, in its environment), then the command or sbatch
+    script NeMo-Run would launch (:func:`executor_script`). Writes nothing."""
+    import subprocess
+    import nemo_run as run
+    rc = 0
+    if py is not None:
+        r = subprocess.run([str(py), "-m", BRIDGE_MODULE, *bridge_run_args(cfg, args.config, args.overrides),
+                            "--dry-run"], cwd=PROJECT_ROOT, env=_bridge_child_env(), capture_output=True, text=True)
+        print(r.stdout, end="")
+        if r.returncode:
+            print(r.stderr[-5000:], end="", file=sys.stderr)
+        rc = r.returncode
+    else:
+        print("# the Megatron-Bridge environment is not here: the ConfigContainer is not shown (the container's "
+              "python resolves it at launch; `make bridge-install` to see it here)")
+    task = bridge_task(cfg, args.config, args.overrides, python=ranks_python)
+    print("")
+    print(f"# executor: {type(executor).__name__}; every rank runs {ranks_python} -m {BRIDGE_MODULE}"
+          + (f" (the torchrun of {Path(py).parent})" if isinstance(executor, run.LocalExecutor) else ""))
+    script = executor_script(task, executor, name=cfg.name)
+    print(script, end="" if script.endswith("\n") else "\n")
+    if isinstance(executor, run.SlurmExecutor) and executor.container_image:
+        missing = uncovered_paths(_bridge_paths(cfg, args.config), executor.container_mounts)
+        if missing:
+            print("# WARNING: not mounted at the same path in the container (add --mount P:P): " + ", ".join(missing))
+    return rc
+
+
+def run_bridge_with_executor(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    """``--backend bridge --executor local|slurm``: the dry run (:func:`bridge_dry_run`), or the inputs and the
+    base checkpoint made here (local, or a Slurm CPU job: the submitting machine builds them, the ranks read them)
+    and the launch. Local: waits and returns 0 when NeMo-Run's job succeeded, 1 otherwise. Slurm: returns once
+    sbatch took the job (``<output_dir>/slurm_job.json``). 2: bad launch options."""
+    import nemo_run as run
+    try:
+        executor, ranks_python, py = build_bridge_executor(args, cfg)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return bridge_dry_run(args, cfg, executor, ranks_python, py)
+    slurm = isinstance(executor, run.SlurmExecutor)
+    task = bridge_task(cfg, args.config, args.overrides, python=ranks_python)
+    out = Path(cfg.output_dir).absolute()
+    if not slurm or slurm_is_cpu(executor):
+        from recipes.inputs import ensure_inputs
+        try:
+            py = py or _bridge_python_or_error()
+        except LaunchError as e:
+            print(f"error: a CPU job's inputs and base checkpoint are made here, before sbatch, by the bridge's "
+                  f"python: {e}", file=sys.stderr)
+            return 2
+        ensure_inputs(cfg)
+        ensure_bridge_base(cfg, py)
+    else:
+        from recipes.bridge_backend import import_is_complete
+        from recipes.bridge_recipe import default_base_path
+        base = default_base_path(cfg.model.hf_path)
+        if not import_is_complete(cfg.model.hf_path, base):
+            print(f"note: {base} is not there yet: rank 0 makes it at the start of the job (the others wait); or "
+                  f"run `python -m {BRIDGE_MODULE} import {Path(cfg.model.hf_path).absolute()}` in the container first")
+    write_text_atomic(out / "bridge_launch.txt", " ".join([ranks_python, "-m", BRIDGE_MODULE, *task.args]) + "\n")
+    if slurm:
+        return submit_slurm(task, executor, cfg.name, out)
+    with run.Experiment(cfg.name, executor=executor) as exp:
+        exp.add(task, name=cfg.name, tail_logs=True)
+        exp.run(detach=False)
+    state = exp.jobs[0].state
+    if str(getattr(state, "name", state)) != "SUCCEEDED":
+        print(f"error: the NeMo-Run job of {cfg.name} ended {getattr(state, 'name', state)}", file=sys.stderr)
+        return 1
+    return 0
+
