@@ -30,6 +30,8 @@ import sys
 import types
 from typing import Any, Callable
 
+from recipes.cpu_shim import replace_listed, resolve  # noqa: F401 - resolve: also this module's public name
+
 # Every (module, attribute path) a patch replaces; tests/test_bridge.py checks that each exists in the
 # pinned versions, so an upgrade that renames one fails loudly instead of silently running unpatched.
 PATCH_TARGETS: tuple[tuple[str, str], ...] = (
@@ -58,22 +60,8 @@ _applied: list[str] = []
 _mode = None  # the TorchFunctionMode entered by _cuda_tensors_to_cpu
 
 
-def resolve(module: str, attr_path: str) -> tuple[Any, str, Any]:
-    """(owner, name, current value) of ``module.attr_path``; raises ImportError/AttributeError."""
-    owner: Any = importlib.import_module(module)
-    *parents, name = attr_path.split(".")
-    for p in parents:
-        owner = getattr(owner, p)
-    return owner, name, getattr(owner, name)
-
-
 def _replace(module: str, attr_path: str, new: Any) -> None:
-    key = (module, attr_path)
-    if key not in PATCH_TARGETS:
-        raise KeyError(f"{module}.{attr_path} is not in PATCH_TARGETS")
-    owner, name, current = resolve(module, attr_path)
-    ORIGINALS.setdefault(key, current)
-    setattr(owner, name, new)
+    replace_listed(PATCH_TARGETS, ORIGINALS, module, attr_path, new)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,14 +61,19 @@ def resolve(module: str, attr_path: str) -> tuple[Any, str, Any]:
     return owner, name, getattr(owner, name)
 
 
-def _replace(module: str, attr_path: str, new: Any) -> None:
-    """Replace one listed target, remembering the original the first time."""
+def replace_listed(targets, originals: dict, module: str, attr_path: str, new: Any) -> None:
+    """Replace ``module.attr_path``, which must be one of ``targets``, remembering the original in ``originals``
+    the first time (this shim's and recipes.bridge_shim's patches)."""
     key = (module, attr_path)
-    if key not in PATCH_TARGETS:
+    if key not in targets:
         raise KeyError(f"{module}.{attr_path} is not in PATCH_TARGETS")
     owner, name, current = resolve(module, attr_path)
-    ORIGINALS.setdefault(key, current)
+    originals.setdefault(key, current)
     setattr(owner, name, new)
+
+
+def _replace(module: str, attr_path: str, new: Any) -> None:
+    replace_listed(PATCH_TARGETS, ORIGINALS, module, attr_path, new)
 
 
 # ---------------------------------------------------------------------------------------------
