@@ -12,7 +12,9 @@ and from the run's metrics.jsonl and checkpoints:
   give the one-task job's loss at every step;
 - ``scancel`` after the first checkpoint, then the same command: the job continues from that checkpoint;
 - one rank killed mid-step: srun's ``--kill-on-bad-exit=1`` (NeMo-Run's) ends the other rank and the job is
-  FAILED within seconds.
+  FAILED within seconds;
+- ``--backend bridge``: two tasks, each the bridge venv's python running ``recipes.bridge_backend`` (ranks from
+  Slurm's variables), train the tiny LoRA to the end and leave one adapter.
 
 Skipped without slurm-wlm/munge (`make slurm`), unless FUNDCOMMENT_REQUIRE_SERVER=1 (`make test`): then it fails.
 """
@@ -86,9 +88,9 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-def submit(slurm: SlurmCluster, out: Path, inputs: Path, *extra: str) -> dict:
+def submit(slurm: SlurmCluster, out: Path, inputs: Path, *extra: str, backend: str = "nemo") -> dict:
     """`python -m recipes.finetune ... --executor slurm` (returns once sbatch took the job); its slurm_job.json."""
-    cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(CONFIG), "--backend", "nemo", "--output", str(out),
+    cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(CONFIG), "--backend", backend, "--output", str(out),
            "--executor", "slurm", "--account", "fundcomment", "--partition", slurm.partition,
            "--container-image", "none", "--packager", "none", "--env", "OMP_NUM_THREADS=1",
            f"model.hf_path={inputs / 'model'}", f"data.dataset_dir={inputs / 'data'}", *COMMON, *extra]
@@ -240,3 +242,31 @@ def test_a_killed_rank_fails_the_slurm_job_quickly(slurm, inputs, one_task, tmp_
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and len(records) < 400
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         nr.last_checkpoint(out)
+
+
+@pytest.mark.slow
+def test_a_slurm_job_of_the_bridge_backend_trains_the_tiny_lora(slurm, inputs, tmp_path):
+    """`--backend bridge --executor slurm`, a CPU job of two tasks without a container: the inputs and the bridge's
+    base checkpoint are made before sbatch, each task is `.venv-bridge/bin/python -m recipes.bridge_backend run`."""
+    from recipes.bridge_recipe import bridge_python
+    try:
+        py = bridge_python()
+    except FileNotFoundError as e:
+        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    out = tmp_path / "run"
+    job = submit(slurm, out, inputs, "train.max_steps=3", "train.num_devices=2", "--gpus-per-node", "0",
+                 backend="bridge")
+    assert (Path(f"{inputs / 'model'}-megatron") / "bridge_import.json").is_file()  # made before the job
+    info = finished(slurm, job)
+    assert (info["JobState"], info["ExitCode"], info["NumTasks"]) == ("COMPLETED", "0:0", "2"), (
+        slurm.log_tail() + Path(job["log"]).read_text()[-3000:] if Path(job["log"]).is_file() else slurm.log_tail())
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["backend"] == "bridge" and r["samples"] == 8 for r in records)  # both ranks' micro-batches
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not list(out.glob("adapter.tmp*"))
+    ran = [line for line in Path(job["batch_log"]).read_text().splitlines() if line.startswith("+ command srun")]
+    assert len(ran) == 1 and "--container" not in ran[0], ran
+    assert f"--kill-on-bad-exit=1 {py} -m recipes.bridge_backend run --config {CONFIG} " in ran[0]
+    assert Path(job["log"]).read_text().count(f"done: {out}\n") == 2  # both tasks ran to the end
