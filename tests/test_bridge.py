@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.metrics import read_metrics
+from run_checks import kill_when_step, require_bridge_python, tiny_inputs
 from tracking_checks import assert_tracked_like_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,24 +31,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 @pytest.fixture(scope="module")
 def bridge_py() -> Path:
-    from recipes.bridge_recipe import bridge_python
-    try:
-        return bridge_python()
-    except FileNotFoundError as e:
-        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":  # make test: a missing venv is a failure
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return require_bridge_python()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from recipes.data import prepare
-    from recipes.models import build_tiny
-    base = tmp_path_factory.mktemp("bridge_tiny")
-    model = build_tiny(base / "tiny")
-    data = base / "data"
-    prepare(ROOT / "datasets/demo_pairs.jsonl", data, model, seq_length=256)
-    return {"model": model, "data": data, "base": base}
+    return tiny_inputs(tmp_path_factory.mktemp("bridge_tiny"))
 
 
 def _py(bridge_py: Path, code: str, timeout: int = 300) -> dict:
@@ -224,18 +211,7 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
     out = tmp_path / "resume"
     proc = _finetune("tiny_lora", tiny, out, *LORA, popen=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(r["step"] == 6 for r in read_metrics(metrics)):
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        proc.stdout.close()
-    killed = read_metrics(metrics)
+    killed = kill_when_step(proc, metrics, 6)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
     assert (out / "bridge" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
@@ -333,7 +309,7 @@ def test_production_configs_resolve_to_the_bridges_own_recipes(bridge_py, tmp_pa
         assert rep["layout_same"], (name, [r for r in rep["rows"] if r["layout"] and not r["same"]])
         differ = {r["field"]: (r["ours"], r["bridge_recipe"]) for r in rep["rows"] if not r["same"]}
         assert differ["global_batch_size"] == (32, 128), name  # ours: ~3,000 pairs; the recipe: SQuAD
-        assert f"| global_batch_size | 32 | 128 |" in out[name]["text_tail"]
+        assert "| global_batch_size | 32 | 128 |" in out[name]["text_tail"]
         assert all(r["same"] for r in rep["rows"] if r["field"] in ("tensor_model_parallel_size", "lr_decay_style"))
 
 

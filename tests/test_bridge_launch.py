@@ -20,6 +20,7 @@ import pytest
 from benchmarks.metrics import read_metrics
 from recipes import launch
 from recipes.config import load_config
+from run_checks import require_bridge_python, tiny_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "nemo_configs" / "tiny_lora.yaml"
@@ -31,24 +32,12 @@ COMMON = ["train.micro_batch_size=1", "train.global_batch_size=8", "train.max_st
 
 @pytest.fixture(scope="module")
 def bridge_py() -> Path:
-    from recipes.bridge_recipe import bridge_python
-    try:
-        return bridge_python()
-    except FileNotFoundError as e:
-        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":  # make test: a missing venv is a failure
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return require_bridge_python()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from recipes.data import prepare
-    from recipes.models import build_tiny
-    base = tmp_path_factory.mktemp("bridge_launch")
-    model = build_tiny(base / "tiny")
-    data = base / "data"
-    prepare(ROOT / "datasets/demo_pairs.jsonl", data, model, seq_length=256)
-    return {"model": model, "data": data, "base": base}
+    return tiny_inputs(tmp_path_factory.mktemp("bridge_launch"))
 
 
 def finetune(tiny, out: Path, *args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
+from run_checks import kill_when_step
 from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
 import families
 from convert import nemo_ckpt as nc
@@ -497,18 +497,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, imported, tmp_path):
     out = tmp_path / "resume"
     proc = _finetune("tiny_lora", tiny, out, *overrides, popen=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(r["step"] == 6 for r in read_metrics(metrics)):
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the process group of the child started above
-        proc.wait(timeout=60)
-        proc.stdout.close()
-    killed = read_metrics(metrics)
+    killed = kill_when_step(proc, metrics, 6)  # SIGKILL of the child's process group
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6], "the first run was not killed mid-way"
     assert len(killed) < 8, "the first run finished before it was killed"
     assert nr.checkpoint_step(nr.last_checkpoint(out)) == 3  # NeMo names it by the 0-based step index

@@ -1,0 +1,55 @@
+"""Shared helpers of the training-run tests: the bridge's environment, a tiny model with prepared data, and
+killing a run once a given step is logged (tests/test_bridge.py, test_bridge_launch.py, test_nemo_backend.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def require_bridge_python() -> Path:
+    """.venv-bridge's python (recipes.bridge_recipe.bridge_python); skipped without it, unless
+    FUNDCOMMENT_REQUIRE_SERVER=1 (`make test`), where a missing environment fails."""
+    from recipes.bridge_recipe import bridge_python
+    try:
+        return bridge_python()
+    except FileNotFoundError as e:
+        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+def tiny_inputs(base: Path) -> dict:
+    """A tiny random Llama and the demo pairs prepared with its tokenizer (seq 256) under ``base``."""
+    from recipes.data import prepare
+    from recipes.models import build_tiny
+    model = build_tiny(base / "tiny")
+    data = base / "data"
+    prepare(ROOT / "datasets/demo_pairs.jsonl", data, model, seq_length=256)
+    return {"model": model, "data": data, "base": base}
+
+
+def kill_when_step(proc: subprocess.Popen, metrics: Path, step: int, timeout_s: float = 300) -> list[dict]:
+    """SIGKILL ``proc``'s process group (started with start_new_session=True) once ``metrics`` holds ``step``;
+    returns the records it left."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(r["step"] == step for r in read_metrics(metrics)):
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return read_metrics(metrics)
