@@ -658,11 +658,11 @@ def default_output(run_dirs: list[Path]) -> Optional[Path]:
 
 
 def report_demo_runs(demo_out: str | Path) -> Optional[Path]:
-    """The benchmark report of ``recipes.demo``'s training runs (``<demo_out>/runs/{hf,nemo}``) into
+    """The benchmark report of ``recipes.demo``'s training runs (``<demo_out>/runs/{hf,nemo,bridge}``) into
     ``<demo_out>/benchmark/``; returns its report.md, or None (with a printed reason) when there are no
     runs or they cannot be reported, so that a finished demo never fails on its last step."""
     demo_out = Path(demo_out)
-    dirs = [demo_out / "runs" / b for b in ("hf", "nemo") if (demo_out / "runs" / b / "metrics.jsonl").is_file()]
+    dirs = [demo_out / "runs" / b for b in ("hf", "nemo", "bridge") if (demo_out / "runs" / b / "metrics.jsonl").is_file()]
     if not dirs:
         print(f"[benchmark] no runs under {demo_out / 'runs'}: no benchmark report", flush=True)
         return None

@@ -358,6 +358,9 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     from megatron.bridge.training.pretrain import pretrain
     base = ensure_base(cfg.model.hf_path)
     c = bridge_recipe.build_config(cfg, out, base, cpu)
+    if cfg.tracking.mlflow:
+        print(f"bridge: tracking.mlflow={cfg.tracking.mlflow} is not supported by the bridge backend yet (no MLflow "
+              "client in its environment): metrics.jsonl and TensorBoard only", flush=True)
     if not bridge_recipe.validates(cfg):
         print(f"bridge: no validation: {cfg.data.dataset_dir}/validation.jsonl has "
               f"{bridge_recipe.validation_rows(cfg)} rows, fewer than one global batch "

