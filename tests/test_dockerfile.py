@@ -171,7 +171,10 @@ def replay(dest: Path, prefix: Path, instr=None, python: str | Path | None = Non
     checks = runs[-1]
     assert checks != install and "python" in checks
     py = Path(python or sys.executable)
-    install = install.replace("pip install", f"{shlex.quote(str(py))} -m pip install --prefix {shlex.quote(str(prefix))}", 1)
+    # --ignore-installed: with only --prefix, pip first uninstalls the environment's own editable install of the
+    # project (seen: a later Slurm job of the test suite could no longer import recipes)
+    install = install.replace(
+        "pip install", f"{shlex.quote(str(py))} -m pip install --ignore-installed --prefix {shlex.quote(str(prefix))}", 1)
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     env.update(PATH=f"{py.parent}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONSAFEPATH="", PIP_NO_INDEX="1", CUDA_VISIBLE_DEVICES="")
