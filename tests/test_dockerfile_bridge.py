@@ -7,13 +7,12 @@ RUN line installs it, and its closing checks run from the staged dir — in .ven
 container (the same Megatron-Bridge / megatron-core line). A COPY that misses a package fails the replay."""
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from run_checks import require_bridge_python
 from test_dockerfile import instructions, pip_installs, replay, requirement_name, stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +25,7 @@ CONTAINER_OWNED = {"torch", "torchvision", "torchaudio", "megatron-bridge", "meg
 
 @pytest.fixture(scope="module")
 def bridge_py() -> Path:
-    from recipes.bridge_recipe import bridge_python
-    try:
-        return bridge_python()
-    except FileNotFoundError as e:
-        if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return require_bridge_python()
 
 
 def test_builds_from_the_nemo_26_02_container_only():
