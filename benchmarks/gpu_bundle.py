@@ -196,6 +196,7 @@ def build(output: Path, python: str = "3.12", glibc: str = "2.31", overwrite: bo
     """Write the bundle into ``output`` (via a temporary sibling renamed at the end); its manifest."""
     if not re.fullmatch(r"3\.1[0-2]", python):
         raise BundleError(f"--python {python}: the bundle is for CPython 3.10, 3.11 or 3.12")
+    output = Path(output).absolute()  # pip runs in the bundle dir: a relative -d would land inside it
     if output.exists() and not overwrite:
         raise BundleError(f"{output} exists (use --overwrite to replace it)")
     pins, tags = read_pins(pins_path), platforms(glibc)

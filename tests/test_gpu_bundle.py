@@ -94,6 +94,18 @@ def test_build_refuses_before_writing_anything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 
 
+def test_a_relative_output_is_written_where_asked(tmp_path, monkeypatch):
+    """`make gpu-bundle` passes dist/gpu-bundle: pip downloads with the bundle dir as its working dir, where a
+    relative -d once put the wheel one level down ("pip download left ['dist'], expected one wheel")."""
+    pins = tmp_path / "pins.txt"
+    pins.write_text("six==1.17.0\n")
+    monkeypatch.chdir(tmp_path)
+    m = gb.build(Path("dist/b"), python="%d.%d" % sys.version_info[:2], pins_path=pins, progress=False)
+    files = sorted(p.name for p in (tmp_path / "dist" / "b").iterdir())
+    assert "six-1.17.0-py2.py3-none-any.whl" in files and "dist" not in files
+    assert [f["file"] for f in m["files"]][0] == "six-1.17.0-py2.py3-none-any.whl"
+
+
 def test_smoke_rows_say_what_was_skipped_and_why(tmp_path):
     run = {"backend": "nemo", "measured_steps": 6, "step_time_median_s": 0.5, "tokens_per_s_per_device": 32768.0,
            "model_tflops_per_device": 400.0, "mfu": 400 / 989.4,
