@@ -169,3 +169,48 @@ def settings(tracking, config_name: str, method: str, backend: str) -> Optional[
         return None
     experiment, run_name = run_names(tracking.experiment, tracking.run_name, config_name, backend, method)
     return {"uri": tracking_uri(tracking.mlflow), "experiment": experiment, "run_name": run_name}
+
+
+class StepRun:
+    """An MLflow run that a training loop writes itself, through MlflowClient: where the framework has no
+    logger to hand the run to. The Megatron-Bridge backend uses it: the bridge's own MLflow logger
+    (``LoggerConfig.mlflow_*``) uploads every saved checkpoint, optimizer state included, as run artifacts
+    (``mlflow_utils.on_save_checkpoint_success``), hundreds of GiB a save for a 70B SFT.
+
+    Made on the process that writes metrics.jsonl (global rank 0): the experiment (made when missing), a run
+    named ``settings["run_name"]``, ``params`` (:func:`config_params`) and ``<output_dir>/mlflow_run.json``.
+    :meth:`log` adds one step's scalars as ``train/<name>``; :meth:`end` sets FINISHED or FAILED."""
+
+    def __init__(self, settings: Mapping[str, str], output_dir: str | Path, params: Mapping[str, str],
+                 tags: Optional[Mapping[str, str]] = None):
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(settings["uri"])
+        self.client = MlflowClient(self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(settings["experiment"])
+            experiment_id = exp.experiment_id if exp else self.client.create_experiment(settings["experiment"])
+            run = self.client.create_run(experiment_id, run_name=settings["run_name"], tags=dict(tags or {}))
+            ps = [Param(k, str(v)) for k, v in params.items()]
+            for i in range(0, len(ps), 100):  # log_batch takes at most 100 params per call
+                self.client.log_batch(run.info.run_id, params=ps[i:i + 100])
+        except MlflowException as e:
+            raise TrackingError(f"MLflow at {self.uri}: {e.message}") from None
+        except OSError as e:
+            raise TrackingError(f"MLflow at {self.uri}: {e}") from None
+        self.run_id, self.ended = run.info.run_id, False
+        write_run_file(output_dir, self.uri, settings["experiment"], experiment_id, self.run_id,
+                       settings["run_name"])
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"train/{k}", float(v), ts, int(step))
+                                                    for k, v in scalars.items()])
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.ended:
+            self.client.set_terminated(self.run_id, status)
+            self.ended = True

@@ -174,8 +174,11 @@ def _callback_base():
     return Callback
 
 
-def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingForwardStep, bridge=None):
-    """[MetricsCallback, (ExportCallback)] as bridge Callback subclasses (the bridge is imported by now)."""
+def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingForwardStep, bridge=None,
+                   run_log=None, save_once: Optional[SaveOnce] = None):
+    """[MetricsCallback, (ExportCallback)] as bridge Callback subclasses (the bridge is imported by now);
+    ``run_log``: the MLflow run (benchmarks.tracking.StepRun) that gets each step's scalars, or None;
+    ``save_once`` is told the step a resumed run starts from."""
     Callback = _callback_base()
 
     class MetricsCallback(Callback):
@@ -183,7 +186,7 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
         number after it, the reduced ``lm loss``, the lr the step used, the grad norm and the counts of the
         micro-batches it trained on (summed over the data-parallel ranks). On resume the records after the
         restored step are dropped and the file is appended to. The same scalars go to the bridge's
-        TensorBoard writer as ``train/<name>`` (tracking.tensorboard)."""
+        TensorBoard writer as ``train/<name>`` (tracking.tensorboard) and to ``run_log`` (tracking.mlflow)."""
 
         def __init__(self):
             self.timer = None
@@ -192,6 +195,8 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
         def on_train_start(self, context):
             path = output_dir / METRICS_FILE
             step = context.state.train_state.step
+            if save_once is not None:
+                save_once.loaded(step)
             resumed = step > 0 and path.is_file()
             if resumed and global_rank() == 0:
                 keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
@@ -223,6 +228,8 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
             if tb is not None and rec is not None:
                 for k, v in tracked_scalars(rec).items():
                     tb.add_scalar(f"train/{k}", v, step)
+            if run_log is not None and rec is not None:
+                run_log.log(step, tracked_scalars(rec))
 
         def on_train_end(self, context):
             if self.timer is not None:
@@ -235,6 +242,44 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
                 export_final(cfg, bridge, context.model, output_dir)
         callbacks.append(ExportCallback())
     return callbacks
+
+
+class SaveOnce:
+    """Megatron-Bridge 0.3's ``pretrain()`` saves once more after training (``if ckpt_config.save and
+    state.train_state.step != 0 and ckpt_config.save_interval != 0: save_checkpoint(...)``), whatever the loop
+    saved: a run whose max_steps is a multiple of the checkpoint interval wrote its last checkpoint twice
+    (seen here: "saving checkpoint at iteration 4" twice; for a 70B full SFT, weights and optimizer state,
+    about a terabyte), and a finished run started again rewrote the one it had just loaded. That save is
+    skipped when this process already has the step's checkpoint (saved by the loop, or loaded at the start).
+    Every rank decides alike, from its own calls: nothing is read from disk, so no rank waits in a save the
+    others skip."""
+
+    def __init__(self):
+        self.step: Optional[int] = None  # the step of the newest persistent checkpoint this process has
+
+    def install(self) -> None:
+        import megatron.bridge.training.pretrain as pretrain_mod
+        import megatron.bridge.training.train as train_mod
+        loop_save, final_save = train_mod.save_checkpoint, pretrain_mod.save_checkpoint
+
+        def saved_by_loop(state, *a, **k):
+            out = loop_save(state, *a, **k)
+            if not k.get("non_persistent_ckpt"):
+                self.step = state.train_state.step
+            return out
+
+        def final(state, *a, **k):
+            if self.step is not None and self.step == state.train_state.step:
+                print(f"bridge: step {self.step}'s checkpoint is already saved; not saving it again", flush=True)
+                return None
+            return final_save(state, *a, **k)
+
+        train_mod.save_checkpoint, pretrain_mod.save_checkpoint = saved_by_loop, final
+
+    def loaded(self, step: int) -> None:
+        """The run started from step ``step``'s checkpoint (step > 0)."""
+        if step > 0:
+            self.step = step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,21 +403,42 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     from megatron.bridge.training.pretrain import pretrain
     base = ensure_base(cfg.model.hf_path)
     c = bridge_recipe.build_config(cfg, out, base, cpu)
-    if cfg.tracking.mlflow:
-        print(f"bridge: tracking.mlflow={cfg.tracking.mlflow} is not supported by the bridge backend yet (no MLflow "
-              "client in its environment): metrics.jsonl and TensorBoard only", flush=True)
     if not bridge_recipe.validates(cfg):
         print(f"bridge: no validation: {cfg.data.dataset_dir}/validation.jsonl has "
               f"{bridge_recipe.validation_rows(cfg)} rows, fewer than one global batch "
               f"({cfg.train.global_batch_size}); the bridge's loader would be empty", flush=True)
+    run_log = None
     if global_rank() == 0:
         write_text_atomic(out / "resolved_config.yaml", cfg.to_yaml())
         c.to_yaml(str(out / "bridge_config.yaml"))
+        run_log = start_mlflow_run(cfg, out)
     bridge = AutoBridge.from_hf_pretrained(str(Path(cfg.model.hf_path).absolute()),
                                            torch_dtype=torch.float32 if cpu else torch.bfloat16)
     forward = CountingForwardStep()
-    pretrain(c, forward, callbacks=make_callbacks(cfg, out, forward, bridge))
+    save_once = SaveOnce()
+    save_once.install()
+    try:
+        pretrain(c, forward, callbacks=make_callbacks(cfg, out, forward, bridge, run_log, save_once))
+    except BaseException:
+        if run_log is not None:
+            run_log.end("FAILED")
+        raise
+    if run_log is not None:
+        run_log.end("FINISHED")
     return out
+
+
+def start_mlflow_run(cfg: ExperimentConfig, out: Path):
+    """``tracking.mlflow``: the run this process writes (benchmarks.tracking.StepRun; global rank 0 only), with
+    the resolved config as ``section.key`` params; None when tracking.mlflow is not set. Not the bridge's own
+    MLflow logger, which uploads every checkpoint as run artifacts (see StepRun)."""
+    from benchmarks import tracking
+    settings = tracking.settings(cfg.tracking, cfg.name, cfg.method, "bridge")
+    if settings is None:
+        return None
+    run_log = tracking.StepRun(settings, out, tracking.config_params_from_yaml(out / "resolved_config.yaml"))
+    print(f"bridge: mlflow run {settings['run_name']} ({run_log.run_id}) at {run_log.uri}", flush=True)
+    return run_log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from recipes.bridge_shim import import_bridge, is_cpu
         import_bridge()
-        print(bridge_recipe.describe(cfg, cpu=is_cpu() and not _targets_gpu(cfg)))
+        print(bridge_recipe.describe(cfg, cpu=is_cpu() and not cfg.targets_gpu))
         return 0
     rank_env_from_slurm(os.environ)
     print(f"done: {run(cfg)}")
@@ -426,10 +492,6 @@ def rank_env_from_slurm(environ) -> None:
         return
     environ["RANK"], environ["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
     environ.setdefault("LOCAL_RANK", environ.get("SLURM_LOCALID", "0"))
-
-
-def _targets_gpu(cfg: ExperimentConfig) -> bool:
-    return cfg.train.precision != "fp32" or cfg.world_size > 1
 
 
 if __name__ == "__main__":  # the guard matters: the torch_dist checkpoint writer may re-import __main__

@@ -158,6 +158,12 @@ class ExperimentConfig:
         return self.train.num_devices * self.parallel.num_nodes
 
     @property
+    def targets_gpu(self) -> bool:
+        """True when the config is meant for GPUs (bf16/fp16 or more than one device), whatever this machine
+        has: the launchers ask for GPUs and the dry runs describe a GPU run then."""
+        return self.train.precision != "fp32" or self.world_size > 1
+
+    @property
     def data_parallel_size(self) -> int:
         p = self.parallel
         return max(1, self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size

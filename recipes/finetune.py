@@ -23,7 +23,7 @@ import sys
 
 from recipes.config import ConfigError, load_config
 from recipes.inputs import ensure_inputs
-from recipes.launch import add_executor_args, run_with_executor, targets_gpu
+from recipes.launch import add_executor_args, run_with_executor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_bridge_with_executor(args, cfg)
     if args.backend == "bridge":
         return _run_bridge(args, cfg)
-    if args.backend == "nemo" and (args.executor or (args.dry_run and targets_gpu(cfg))):
+    if args.backend == "nemo" and (args.executor or (args.dry_run and cfg.targets_gpu)):
         # NeMo-Run launch (torchrun locally or sbatch on Slurm), or the dry-run of a GPU config on any machine
         return run_with_executor(args, cfg)
     if args.backend == "nemo":

@@ -102,11 +102,6 @@ class LaunchError(ValueError):
     """The executor options are inconsistent with each other or with the config."""
 
 
-def targets_gpu(cfg: ExperimentConfig) -> bool:
-    """True when the config is meant for GPUs (bf16/fp16 or more than one device), whatever this machine has."""
-    return cfg.train.precision != "fp32" or cfg.world_size > 1
-
-
 # ---------------------------------------------------------------------------------------------
 # executors
 
@@ -150,7 +145,7 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
 
     ``nodes``/``gpus_per_node`` default to ``parallel.num_nodes``/``train.num_devices`` and must equal
     them (the recipe's trainer is built from the config). ``gpus_per_node=0`` (the default for a CPU config,
-    :func:`targets_gpu` false) is a CPU job: ``train.num_devices`` tasks per node and no GPU, memory or
+    ``cfg.targets_gpu`` false) is a CPU job: ``train.num_devices`` tasks per node and no GPU, memory or
     exclusive-node request. ``tunnel`` is "local" (submitting from a login node; ``job_dir`` defaults to
     ``$NEMORUN_HOME`` (``~/.nemo_run``), where NeMo-Run's own commands find the experiment, and must be on
     storage the nodes share; the experiment dir is ``<job_dir>/experiments/<name>/<id>``, see
@@ -166,7 +161,7 @@ def slurm_executor(cfg: ExperimentConfig, *, account: str, partition: str, nodes
     if not account or not partition:
         raise LaunchError("--executor slurm needs --account and --partition")
     nodes = nodes or cfg.parallel.num_nodes
-    gpus = (cfg.train.num_devices if targets_gpu(cfg) else 0) if gpus_per_node is None else gpus_per_node
+    gpus = (cfg.train.num_devices if cfg.targets_gpu else 0) if gpus_per_node is None else gpus_per_node
     if gpus < 0:
         raise LaunchError(f"--gpus-per-node {gpus}: expected 0 (a CPU job) or more")
     if nodes != cfg.parallel.num_nodes or gpus not in (0, cfg.train.num_devices):
@@ -326,7 +321,7 @@ def dry_run(cfg: ExperimentConfig, executor=None, gpu_memory_gb: float = 80.0) -
     from recipes import nemo_import
     from recipes.validate import report
 
-    cpu = not targets_gpu(cfg)
+    cpu = not cfg.targets_gpu
     if isinstance(executor, run.SlurmExecutor):
         cpu = slurm_is_cpu(executor)  # the job asks for GPUs or not (--gpus-per-node 0)
     text, problems = report(cfg, gpu_memory_gb)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import pytest
 
 from benchmarks.metrics import read_metrics
 from run_checks import kill_when_step, require_bridge_python, tiny_inputs
-from tracking_checks import assert_tracked_like_metrics
+from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
@@ -173,10 +174,16 @@ LORA = ("train.max_steps=8", "train.checkpoint_every_n_steps=4")
 
 
 @pytest.fixture(scope="module")
-def lora_run(bridge_py, tiny, tmp_path_factory):
+def lora_run(bridge_py, tiny, tmp_path_factory, mlflow_uri):
+    """The tiny LoRA run, tracked on the session's MLflow server (a file store without one)."""
     out = tmp_path_factory.mktemp("bridge_lora") / "run"
-    _finetune("tiny_lora", tiny, out, *LORA)
+    r = _finetune("tiny_lora", tiny, out, *LORA, f"tracking.mlflow={mlflow_uri or 'file:' + str(out.parent / 'mlruns')}")
+    (out.parent / "finetune.log").write_text(r.stdout + r.stderr)
     return out
+
+
+def _saved_steps(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"saving checkpoint at iteration\s+(\d+) to \S+/bridge/checkpoints", log)]
 
 
 @pytest.mark.slow
@@ -189,6 +196,9 @@ def test_lora_run_metrics_tensorboard_and_adapter(lora_run, tiny, tmp_path):
     assert recs[0]["lr"] == 0.0 and recs[2]["lr"] == pytest.approx(1e-2)  # Megatron's warmup: lr*s/warmup
     assert min(r["loss"] for r in recs[-3:]) < recs[0]["loss"] - 0.1
     assert_tracked_like_metrics(lora_run, recs)
+    assert_mlflow_like_metrics(lora_run, recs, "bridge", "tiny_lora")
+    # every 4 steps, the last one once (the bridge's pretrain() saves again after training: recipes.bridge_backend.SaveOnce)
+    assert _saved_steps((lora_run.parent / "finetune.log").read_text()) == [4, 8]
     assert (lora_run / "resolved_config.yaml").is_file() and (lora_run / "bridge_config.yaml").is_file()
     adapter = lora_run / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -215,7 +225,8 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
     assert (out / "bridge" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
-    _finetune("tiny_lora", tiny, out, *LORA)
+    r = _finetune("tiny_lora", tiny, out, *LORA)
+    assert _saved_steps(r.stdout + r.stderr) == [8]  # 4 was loaded, not saved again
     resumed = read_metrics(metrics)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert resumed[:4] == killed[:4]
@@ -249,10 +260,11 @@ def test_sft_gives_the_nemo_backends_loss_at_every_step(bridge_py, tiny, tmp_pat
 def test_torchrun_data_parallel_matches_one_process(bridge_py, tiny, tmp_path):
     """Two processes through torchrun (gloo), micro-batch 1, global batch 8: the single process's loss and
     grad norm at every step (summed in another order: 1e-5), the whole global batch's counts in rank 0's
-    metrics.jsonl, and the adapter exported by every rank together (the exporter gathers) and written once."""
+    metrics.jsonl, and the adapter exported by every rank together (the exporter gathers) and written once; one
+    MLflow run per launch (rank 0's), holding each step once."""
     common = ["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), f"model.hf_path={tiny['model']}",
               f"data.dataset_dir={tiny['data']}", "train.max_steps=3", "train.micro_batch_size=1",
-              "train.global_batch_size=8", "tracking.tensorboard=false"]
+              "train.global_batch_size=8", "tracking.tensorboard=false", f"tracking.mlflow=file:{tmp_path / 'mlruns'}"]
     runs = {}
     for n in (1, 2):
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] if n > 1 else []
@@ -267,6 +279,8 @@ def test_torchrun_data_parallel_matches_one_process(bridge_py, tiny, tmp_path):
         assert (a["tokens"], a["loss_tokens"], a["samples"]) == (b["tokens"], b["loss_tokens"], b["samples"])
     assert (tmp_path / "dp2" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "dp2").glob("adapter.tmp*"))
+    client, run = assert_mlflow_like_metrics(tmp_path / "dp2", runs[2], "bridge", "tiny_lora")
+    assert len(client.search_runs([run.info.experiment_id])) == 2  # dp1's and dp2's: none from rank 1
 
 
 # the bridge's own finetune recipe each production config is compared with (family files' bridge_recipes)

@@ -266,4 +266,4 @@ def test_launch_needs_the_model_dir_on_the_submitting_machine(capsys, tmp_path):
 
 
 def test_targets_gpu():
-    assert launch.targets_gpu(cfg_of("swallow_8b_lora")) and not launch.targets_gpu(cfg_of("tiny_lora"))
+    assert cfg_of("swallow_8b_lora").targets_gpu and not cfg_of("tiny_lora").targets_gpu
