@@ -30,6 +30,7 @@ import sys
 import types
 from typing import Any, Callable
 
+from recipes import cpu_shim
 from recipes.cpu_shim import replace_listed, resolve  # noqa: F401 - resolve: also this module's public name
 
 # Every (module, attribute path) a patch replaces; tests/test_bridge.py checks that each exists in the
@@ -269,30 +270,11 @@ def _rng_tracker_on_cpu() -> None:
 
 
 def _cuda_tensors_to_cpu() -> None:
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    def is_cuda(d) -> bool:
-        if isinstance(d, bool):
-            return False
-        return isinstance(d, int) or (isinstance(d, str) and d.startswith("cuda")) or \
-            (isinstance(d, torch.device) and d.type == "cuda")
-
-    class CudaToCpu(TorchFunctionMode):
-        """device='cuda' (or a device index) on tensor factories and .to() -> the CPU: "RuntimeError: Torch not
-        compiled with CUDA enabled" (training.setup's start-time all-reduce, loss buffers, the grad-norm)."""
-
-        def __torch_function__(self, func, types_, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if is_cuda(kwargs.get("device")):
-                kwargs["device"] = "cpu"
-            if func is torch.Tensor.to and len(args) > 1 and is_cuda(args[1]):
-                args = (args[0], "cpu", *args[2:])
-            return func(*args, **kwargs)
-
+    # device='cuda' (or a device index) on tensor factories and .to(): "RuntimeError: Torch not compiled with
+    # CUDA enabled" (training.setup's start-time all-reduce, loss buffers, the grad-norm); NeMo's shim's mode
     global _mode
     if _mode is None:
-        _mode = CudaToCpu()
+        _mode = cpu_shim.cuda_to_cpu_mode()
         _mode.__enter__()
 
 
@@ -323,23 +305,9 @@ def _no_helper_compile() -> None:
 
 
 def _clip_grads_on_cpu() -> None:
-    import torch
-
-    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        attr = "decoupled_grad" if use_decoupled_grad else "grad"
-        coeff = max_norm / (total_norm + 1.0e-6)
-        if coeff < 1.0:
-            for p in parameters:
-                g = getattr(p, attr, None)
-                if g is not None:
-                    g.detach().mul_(coeff)
-
     # "AssertionError: param.grad.type() == 'torch.cuda.FloatTensor'" (clip_grads.py): the same scaling
-    # without the multi-tensor CUDA kernel
-    _replace("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
-    _replace("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+    # without the multi-tensor CUDA kernel (NeMo's shim's function, which takes 0.16's use_decoupled_grad)
+    cpu_shim.replace_clip_grads(_replace)
 
 
 PATCHES: dict[str, Callable[[], None]] = {

@@ -87,39 +87,49 @@ def _cuda_device_to_cpu() -> None:
     _replace("torch.cuda", "current_device", lambda: torch.device("cpu"))
 
 
+def _is_cuda_device(d) -> bool:
+    """A CUDA device as torch calls take it: "cuda[:N]", torch.device("cuda"), or a bare index (an int, not a
+    bool) that torch reads as cuda:N."""
+    import torch
+    if isinstance(d, bool):
+        return False
+    return isinstance(d, int) or (isinstance(d, str) and d.startswith("cuda")) or \
+        (isinstance(d, torch.device) and d.type == "cuda")
+
+
+def cuda_to_cpu_mode():
+    """A TorchFunctionMode that runs CUDA tensor work on the CPU: ``device=`` a CUDA device (tensor
+    factories, ``.to``) becomes "cpu", ``Tensor.cuda()`` returns the tensor, ``pin_memory=True`` is dropped.
+    Both CPU shims enter one for the whole process (recipes.bridge_shim for Megatron-Bridge)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class CudaToCpuMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
+            return func(*args, **kwargs)
+
+    return CudaToCpuMode()
+
+
 def _cuda_calls_to_cpu() -> None:
     """Hard-coded device='cuda', .cuda() and pin_memory=True (megatron.core.optimizer scale and
     norm buffers, nemo's gpt_data_step ``val.cuda(non_blocking=True)``, MegatronParallel loss
     reduction) raise "Torch not compiled with CUDA enabled": a process-wide TorchFunctionMode
-    rewrites cuda devices to cpu and makes Tensor.cuda() a no-op; Module.cuda() and
-    torch.cuda.synchronize() become no-ops."""
+    (:func:`cuda_to_cpu_mode`) rewrites cuda devices to cpu and makes Tensor.cuda() a no-op; Module.cuda()
+    and torch.cuda.synchronize() become no-ops."""
     global _cuda_mode
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    cpu = torch.device("cpu")
-
-    def fix(d):
-        if (isinstance(d, str) and d.startswith("cuda")) or (isinstance(d, torch.device) and d.type == "cuda"):
-            return cpu
-        return d
-
-    class CudaToCpuMode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.Tensor.cuda:
-                return args[0]
-            if "device" in kwargs:
-                kwargs = dict(kwargs, device=fix(kwargs["device"]))
-            if kwargs.get("pin_memory"):
-                kwargs = dict(kwargs, pin_memory=False)
-            if func is torch.Tensor.to and len(args) > 1:
-                args = (args[0], fix(args[1]), *args[2:])
-            return func(*args, **kwargs)
-
     _replace("torch.nn", "Module.cuda", lambda self, device=None: self)
     _replace("torch.cuda", "synchronize", lambda *a, **k: None)
-    _cuda_mode = CudaToCpuMode()
+    _cuda_mode = cuda_to_cpu_mode()
     _cuda_mode.__enter__()  # stays active for the main thread (where Lightning runs) until exit
 
 
@@ -140,24 +150,32 @@ def _rng_tracker_without_cuda() -> None:
     _replace("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork", fork)
 
 
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's ``clip_grad_by_total_norm_fp32`` (0.10's arguments and 0.16's ``use_decoupled_grad``)
+    without its ``grad.type() == 'torch.cuda.FloatTensor'`` assert and apex' multi-tensor scaling kernel."""
+    import torch
+    from megatron.core.utils import to_local_if_dtensor
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, "decoupled_grad" if use_decoupled_grad else "grad", None)
+            if g is not None:
+                to_local_if_dtensor(g).detach().mul_(clip_coeff)
+
+
+def replace_clip_grads(replace: Callable[[str, str, Any], None]) -> None:
+    """Put :func:`clip_grad_by_total_norm_cpu` in both of megatron-core's bindings (optimizer.py imported the
+    function by name) through a shim's ``replace(module, attr_path, new)``."""
+    for module in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        replace(module, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu)
+
+
 def _clip_grads_without_cuda_assert() -> None:
     # clip_grad_by_total_norm_fp32 asserts grad.type() == 'torch.cuda.FloatTensor' and scales with
     # apex' multi_tensor_applier: "AssertionError" at the first optimizer step with clip_grad > 0.
-    from megatron.core.optimizer.clip_grads import to_local_if_dtensor
-
-    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm):
-        import torch
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        clip_coeff = max_norm / (total_norm + 1.0e-6)
-        if clip_coeff < 1.0:
-            for p in parameters:
-                if p.grad is not None:
-                    to_local_if_dtensor(p.grad).detach().mul_(clip_coeff)
-
-    # optimizer.py imported the function by name, so both bindings are replaced.
-    _replace("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
-    _replace("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+    replace_clip_grads(_replace)
 
 
 CUDA_ONLY_FUSIONS = ("apply_rope_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
