@@ -116,8 +116,9 @@ def write_config(cfg, path: Path) -> Path:
 
 
 def bench_command(config: Path, bench_dir: Path, steps: int, backends=BACKENDS) -> list[str]:
+    # --keep-going: a backend that fails on this host does not cost the other's figures
     return [sys.executable, "-m", "benchmarks.train_speed", "--config", str(config), "--backends", ",".join(backends),
-            "--steps", str(steps), "--output", str(bench_dir), "--overwrite"]
+            "--steps", str(steps), "--output", str(bench_dir), "--overwrite", "--keep-going"]
 
 
 # Run in a child process (importing NeMo sets process-wide state): one JSON object on the last line.
@@ -190,7 +191,9 @@ def result_rows(method: str, bench_dir: Path, estimate_gib: float, skipped: dict
     done = {r["backend"] for r in rows}
     for b in backends:
         if b not in done:
-            why = (skipped or {}).get(b) or f"no result: see {bench_dir}/runs/{b}/train.log"
+            failed = summary.get("failed", {}).get(b)
+            why = (skipped or {}).get(b) or (f"failed, {failed} (see {bench_dir}/runs/{b}/train.log)" if failed
+                                             else f"no result: see {bench_dir}/runs/{b}/train.log")
             rows.append({"method": method, "backend": b, "note": why})
     speed = summary.get("speedup")
     if speed:
@@ -264,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.validate import layout_problems
     pre = preflight()
     skipped = {b: f"does not import on this host: {e}" for b, e in pre["errors"].items() if e}
+    not_built = os.environ.get("GPU_SMOKE_NOT_BUILT")  # gpu_smoke.sh: sources of the bundle that failed to build
+    if not_built:
+        skipped = {b: f"{why} (the bundle's {not_built} did not build here)" for b, why in skipped.items()}
     backends = tuple(b for b in BACKENDS if b not in skipped)
     print("\n".join(describe_host(pre)))
+    if not_built:
+        print(f"not built from the bundle on this host: {not_built} (gpu_smoke.sh's install output says why)")
     arch = smoke_architecture(layers, shape)
     print(f"model: {arch.summary()} (random weights; " + (
         "rehearsal: the tiny test model" if args.rehearse else
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
               "rehearsal": args.rehearse, "layers": layers, "steps": args.steps, "embedding_rows": shape.rows,
               "peak_tflops": peak,
               "bundle": os.environ.get("GPU_SMOKE_BUNDLE"), "bundle_install_s": float(install_s) if install_s else None,
+              "bundle_not_built": not_built,
               "wall_s": round(wall, 1), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "smoke.json", json.dumps(result, indent=1) + "\n")

@@ -10,7 +10,10 @@ What it does:
    process (NeMo's CPU shim patches torch.cuda process-wide), with ``benchmarks.sampler`` watching it
    from this process (``samples.jsonl``; the trainer's log goes to ``train.log``), then writes
    ``bench_run.json`` last: exit status, wall time, command, environment, library versions, the
-   sha256 of every prepared data file and a fingerprint of the model;
+   sha256 of every prepared data file and a fingerprint of the model. A backend that fails stops the
+   benchmark (exit status 1) unless ``--keep-going``: then the others still run, the report covers those
+   that ran, ``summary.json``'s ``failed`` gives each failed backend's exit code and error line, and the
+   exit status is still 1;
 3. refuses to compare runs whose resolved hyperparameters, data, model or hardware differ
    (``benchmarks.runs.compare_runs``; prints the differences, exit status 3), otherwise writes the
    report (``benchmarks.report``) into DIR;
@@ -27,6 +30,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +104,15 @@ def _backend_python(backend: str) -> Optional[Path]:
     return bridge_python()
 
 
+def backend_versions(backend: str) -> dict[str, Optional[str]]:
+    """:func:`library_versions` of the backend's environment; unknown (None) when that environment is missing:
+    the run itself then fails and says why."""
+    try:
+        return library_versions(_backend_python(backend))
+    except FileNotFoundError:
+        return {n: None for n in VERSIONED}
+
+
 def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
                 interval_s: float = 0.5, inputs: Optional[dict] = None, log_to_console: bool = False,
                 processes: int = 1) -> dict:
@@ -143,7 +156,7 @@ def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list
             "hardware": {"gpus": [g["name"] for g in meta["gpus"]], "nvml": meta["nvml"],
                          "nvml_error": meta["nvml_error"], "driver": meta["driver"],
                          "cpu_model": meta["cpu_model"], "cpu_count": meta["cpu_count"], "host": meta["host"]},
-            "sampler": end, "versions": library_versions(_backend_python(backend)), "git_commit": _git_commit(), **(inputs or {})}
+            "sampler": end, "versions": backend_versions(backend), "git_commit": _git_commit(), **(inputs or {})}
     write_json_atomic(run_dir / RUN_INFO_FILE, info)
     return info
 
@@ -174,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.5, help="sampler interval in seconds (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing runs/<backend> dirs")
     ap.add_argument("--no-report", action="store_true", help="only run (and check comparability)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a backend that fails does not stop the others: the report covers those that ran "
+                         "(failed ones are listed in summary.json's 'failed'); the exit code is still 1")
     ap.add_argument("--verbose", action="store_true", help="trainer output on the console instead of train.log")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.warmup_steps_excluded=2")
     args = ap.parse_intermixed_args(argv)
@@ -202,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.inputs import ensure_inputs
     ensure_inputs(cfg)  # once, before either backend: both read the same prepared files
     inputs = snapshot_inputs(cfg)
+    failed: dict[str, str] = {}
     for b, d in zip(backends, run_dirs):
         if d.exists():
             shutil.rmtree(d)
@@ -212,22 +229,42 @@ def main(argv: list[str] | None = None) -> int:
         if info["status"] != "ok":
             print(f"error: {b} failed (exit code {info['returncode']}); last lines of {d / 'train.log'}:\n"
                   f"{_tail(d / 'train.log')}", file=sys.stderr)
-            return 1
+            if not args.keep_going:
+                return 1
+            failed[b] = f"exit code {info['returncode']}: {last_error_line(d / 'train.log')}"
         if data_fingerprint(cfg.data.dataset_dir) != inputs["data"]["sha256"]:
             print(f"error: {cfg.data.dataset_dir} changed during the {b} run", file=sys.stderr)
             return 1
 
-    runs = [load_run(d) for d in run_dirs]
+    ran = [d for b, d in zip(backends, run_dirs) if b not in failed]
+    if not ran:
+        return 1
+    runs = [load_run(d) for d in ran]
     diff = compare_runs(runs)
     if diff:
         print("error: the runs are not comparable:\n  " + "\n  ".join(diff), file=sys.stderr)
         return 3
     if args.no_report:
-        return 0
+        return 1 if failed else 0
     from benchmarks.report import build_report
     rep = build_report(runs, out)
+    if failed:  # --keep-going: say in the summary which backends did not run to the end, and why
+        summary_path = out / "summary.json"
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        write_json_atomic(summary_path, {**summary, "failed": failed})
     print(f"[bench] report: {rep}")
-    return log_summary_to_runs(out, run_dirs)
+    rc = log_summary_to_runs(out, ran)
+    return 1 if failed else rc
+
+
+def last_error_line(log: Path) -> str:
+    """The line of a failed run's log that says why: the last exception line (``SomeError: ...``), else the
+    last non-empty line."""
+    lines = [ln.strip() for ln in _tail(log, 400).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^([\w.]+(Error|Exception|Interrupt)|AssertionError|error)\b:?", ln):
+            return ln[:500]
+    return lines[-1][:500] if lines else f"no output in {log}"
 
 
 def log_summary_to_runs(out: Path, run_dirs: list[Path]) -> int:

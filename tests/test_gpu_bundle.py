@@ -120,7 +120,9 @@ def test_smoke_rows_say_what_was_skipped_and_why(tmp_path):
     assert table[0].startswith("| method | backend | steps | step s | tok/s/GPU | TFLOP/s | MFU | peak GiB |")
     assert table[2] == "| lora | nemo | 6 | 0.500 | 32,768 | 400.0 | 40.4% | 8.5 | 9.0 | 97 | 650 | - |"
     assert table[3].startswith("| lora | hf | - |") and table[3].endswith("ImportError: x |")
-    # a backend that ran but left no summary points at its log
+    # a backend that failed (train_speed --keep-going) says why; one that left no summary points at its log
+    (tmp_path / "summary.json").write_text(json.dumps({"runs": [run], "failed": {"hf": "exit code 1: RuntimeError: y"}}))
+    assert gs.result_rows("lora", tmp_path, 9.0)[1]["note"].startswith("failed, exit code 1: RuntimeError: y (see ")
     (tmp_path / "summary.json").unlink()
     assert "train.log" in gs.result_rows("lora", tmp_path, 9.0)[0]["note"]
 
@@ -130,6 +132,37 @@ def _fake_bundle(d: Path, python: str) -> Path:
     (d / "requirements.txt").write_text("")
     (d / "bundle.json").write_text(json.dumps({"python": python}))
     return d
+
+
+def test_a_source_that_does_not_build_is_left_out_and_said(tmp_path):
+    """A host without a compiler or Python headers cannot build the bundle's sources (megatron-core on Python
+    3.12): gpu_smoke.sh installs the rest, says what it left out, and the smoke test goes on (here --dry-run)
+    with whatever imports; the backends that then fail to import name the unbuilt source."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(bundle), "six==1.17.0"],
+                   check=True, timeout=300)
+    src = io.BytesIO()
+    with tarfile.open(fileobj=src, mode="w:gz") as tar:
+        for name, text in (("PKG-INFO", "Metadata-Version: 2.1\nName: brokenpkg\nVersion: 0.1\n"),
+                           ("setup.py", "raise SystemExit(\"error: command 'gcc' failed: No such file or directory\")\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(f"brokenpkg-0.1/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (bundle / "brokenpkg-0.1.tar.gz").write_bytes(src.getvalue())
+    (bundle / "requirements.txt").write_text("brokenpkg==0.1\nsix==1.17.0\n")
+    (bundle / "bundle.json").write_text(json.dumps({"python": "%d.%d" % sys.version_info[:2], "built_on_host": [
+        {"file": "brokenpkg-0.1.tar.gz", "needs": ["setuptools"]}]}))
+    prefix = tmp_path / "prefix"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_SMOKE_PREFIX": str(prefix), "PIP_CONFIG_FILE": os.devnull}
+    r = subprocess.run(["bash", str(SMOKE_SH), "--bundle", str(bundle), "--dry-run", "--output", str(tmp_path / "s")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "No such file or directory" in r.stderr  # pip's own account of the failed build
+    assert "installing it without what it builds here: brokenpkg" in r.stderr
+    assert (prefix / "site" / "six.py").is_file() and not list((prefix / "site").glob("brokenpkg*"))
+    assert "not built from the bundle on this host: brokenpkg" in r.stdout and "would run:" in r.stdout
 
 
 @pytest.mark.parametrize("setup, match", [

@@ -164,6 +164,25 @@ def test_real_benchmark_of_the_three_backends(tiny_model_dir, tmp_path):
     assert all((out / p).is_file() for p in ("step_time.png", "utilization.png", "memory.png", "loss.png"))
 
 
+def test_keep_going_reports_the_backends_that_ran_and_why_one_failed(tiny_model_dir, tmp_path, monkeypatch):
+    """--keep-going (what the GPU smoke test runs with): the bridge fails (its python is missing), HF still
+    trains; the report covers HF, summary.json says why the bridge failed, the exit code is 1. Without the flag
+    the first failure stops the benchmark."""
+    monkeypatch.setenv("FUNDCOMMENT_BRIDGE_PYTHON", str(tmp_path / "no-such-python"))
+    common = ["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--steps", "2", "--interval", "0.25",
+              f"model.hf_path={tiny_model_dir}", f"data.dataset_dir={tmp_path / 'data'}",
+              f"data.source={ROOT / 'datasets/demo_pairs.jsonl'}"]
+    assert main([*common, "--backends", "bridge,hf", "--output", str(tmp_path / "stop")]) == 1
+    assert not (tmp_path / "stop" / "runs" / "hf").exists()
+    out = tmp_path / "bench"
+    assert main([*common, "--backends", "bridge,hf", "--output", str(out), "--keep-going"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["backend"] for r in summary["runs"]] == ["hf"]
+    assert set(summary["failed"]) == {"bridge"} and "no-such-python" in summary["failed"]["bridge"]
+    assert json.loads((out / "runs" / "bridge" / "bench_run.json").read_text())["status"] == "failed"
+    assert (out / "report.md").is_file()
+
+
 def test_hf_with_several_processes_goes_through_torchrun(tmp_path):
     from benchmarks.train_speed import backend_command
     one = backend_command("c.yaml", "hf", tmp_path, ["train.max_steps=2"])
