@@ -115,10 +115,12 @@ def write_config(cfg, path: Path) -> Path:
     return path
 
 
-def bench_command(config: Path, bench_dir: Path, steps: int, backends=BACKENDS) -> list[str]:
-    # --keep-going: a backend that fails on this host does not cost the other's figures
+def bench_command(config: Path, bench_dir: Path, steps: int, backends=BACKENDS,
+                  timeout_s: Optional[float] = None) -> list[str]:
+    # --keep-going: a backend that fails (or hangs past timeout_s) on this host does not cost the other's figures
     return [sys.executable, "-m", "benchmarks.train_speed", "--config", str(config), "--backends", ",".join(backends),
-            "--steps", str(steps), "--output", str(bench_dir), "--overwrite", "--keep-going"]
+            "--steps", str(steps), "--output", str(bench_dir), "--overwrite", "--keep-going",
+            *(["--timeout-s", f"{timeout_s:g}"] if timeout_s else [])]
 
 
 # Run in a child process (importing NeMo sets process-wide state): one JSON object on the last line.
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per backend (default: %(default)s)")
     ap.add_argument("--method", choices=[*METHODS, "both"], default="lora", help="default: %(default)s")
     ap.add_argument("--output", default="runs/gpu_smoke", help="output dir (default: %(default)s)")
+    ap.add_argument("--backend-timeout-s", type=float, default=300.0, metavar="SECONDS",
+                    help="stop a backend's run after this long, start-up included, and go on with the other "
+                         "(default: %(default)g; 0: no limit)")
     ap.add_argument("--dry-run", action="store_true", help="preflight, write the configs, print the estimate and the "
                                                            "commands; run nothing")
     ap.add_argument("--rehearse", action="store_true",
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("would run:")
         print("  " + " ".join(build))
         for _, config_path, bench_dir, _ in plans:
-            print("  " + " ".join(bench_command(config_path, bench_dir, args.steps, backends)))
+            print("  " + " ".join(bench_command(config_path, bench_dir, args.steps, backends, args.backend_timeout_s)))
         return 0
     if not (model_dir / "config.json").is_file() or \
             json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"] != layers:
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method, config_path, bench_dir, est_gib in plans:
         try:
-            _run(bench_command(config_path, bench_dir, args.steps, backends))
+            _run(bench_command(config_path, bench_dir, args.steps, backends, args.backend_timeout_s))
         except subprocess.CalledProcessError as e:
             print(f"error: {method}: benchmarks.train_speed failed (exit {e.returncode}); see {bench_dir}/runs/*/train.log",
                   file=sys.stderr)

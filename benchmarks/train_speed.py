@@ -13,7 +13,8 @@ What it does:
    sha256 of every prepared data file and a fingerprint of the model. A backend that fails stops the
    benchmark (exit status 1) unless ``--keep-going``: then the others still run, the report covers those
    that ran, ``summary.json``'s ``failed`` gives each failed backend's exit code and error line, and the
-   exit status is still 1;
+   exit status is still 1. ``--timeout-s S`` stops a run (and every process under it) after S seconds: a
+   failure, "timed out";
 3. refuses to compare runs whose resolved hyperparameters, data, model or hardware differ
    (``benchmarks.runs.compare_runs``; prints the differences, exit status 3), otherwise writes the
    report (``benchmarks.report``) into DIR;
@@ -113,11 +114,38 @@ def backend_versions(backend: str) -> dict[str, Optional[str]]:
         return {n: None for n in VERSIONED}
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the trainer and every process under it (torchrun's ranks, the bridge's python), SIGKILL to
+    those left after ``grace_s``. The trainer stays in this process group: whatever ends this command (Ctrl-C,
+    a job's time limit) still reaches it."""
+    import psutil
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    proc.wait()
+
+
 def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list[str],
                 interval_s: float = 0.5, inputs: Optional[dict] = None, log_to_console: bool = False,
-                processes: int = 1) -> dict:
+                processes: int = 1, timeout_s: Optional[float] = None) -> dict:
     """Train one backend in a subprocess with the sampler watching it; writes bench_run.json (last)
-    into ``run_dir`` and returns it. ``inputs``: data/model fingerprints taken before the run."""
+    into ``run_dir`` and returns it. ``inputs``: data/model fingerprints taken before the run. After
+    ``timeout_s`` seconds the run is stopped (it and its children: SIGTERM, then SIGKILL) and its status is
+    "timed out"."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = backend_command(config, backend, run_dir, overrides, processes)
     env = dict(os.environ)
@@ -135,22 +163,25 @@ def run_backend(config: str | Path, backend: str, run_dir: Path, overrides: list
             sampler = ResourceSampler(proc.pid, run_dir / SAMPLES_FILE, interval_s,
                                       gpu_indices=visible_gpu_indices(env)).start()
         except BaseException:
-            proc.kill()
+            _stop(proc, grace_s=0)
             raise
+        timed_out = False
         try:
-            rc = proc.wait()
+            rc = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            print(f"[bench] {backend}: still running after {timeout_s:g} s: stopping it", flush=True)
+            _stop(proc)
+            rc = proc.returncode
         except BaseException:  # Ctrl-C: do not leave a trainer running
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
             sampler.stop()
             raise
         wall = time.perf_counter() - t0
         end = sampler.stop()
     meta = read_samples(run_dir / SAMPLES_FILE)["meta"]
-    info = {"backend": backend, "status": "ok" if rc == 0 else "failed", "returncode": rc,
+    status = "timed out" if timed_out else "ok" if rc == 0 else "failed"
+    info = {"backend": backend, "status": status, "returncode": rc, "timeout_s": timeout_s,
             "command": cmd, "started_unix": started, "wall_s": round(wall, 3),
             "env": {k: env.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NCCL_ALGO")},
             "hardware": {"gpus": [g["name"] for g in meta["gpus"]], "nvml": meta["nvml"],
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.5, help="sampler interval in seconds (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing runs/<backend> dirs")
     ap.add_argument("--no-report", action="store_true", help="only run (and check comparability)")
+    ap.add_argument("--timeout-s", type=float, metavar="SECONDS",
+                    help="stop a backend's run after this many seconds (its status is then 'timed out': a failure)")
     ap.add_argument("--keep-going", action="store_true",
                     help="a backend that fails does not stop the others: the report covers those that ran "
                          "(failed ones are listed in summary.json's 'failed'); the exit code is still 1")
@@ -223,15 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         if d.exists():
             shutil.rmtree(d)
         info = run_backend(args.config, b, d, overrides, args.interval, inputs, log_to_console=args.verbose,
-                           processes=cfg.train.num_devices if cfg.parallel.num_nodes == 1 else 1)
+                           processes=cfg.train.num_devices if cfg.parallel.num_nodes == 1 else 1,
+                           timeout_s=args.timeout_s)
         print(f"[bench] {b}: {info['status']} in {info['wall_s']:.1f} s, {info['sampler']['n_samples']} samples",
               flush=True)
         if info["status"] != "ok":
-            print(f"error: {b} failed (exit code {info['returncode']}); last lines of {d / 'train.log'}:\n"
-                  f"{_tail(d / 'train.log')}", file=sys.stderr)
+            why = (f"timed out after {args.timeout_s:g} s" if info["status"] == "timed out"
+                   else f"exit code {info['returncode']}")
+            print(f"error: {b} failed ({why}); last lines of {d / 'train.log'}:\n{_tail(d / 'train.log')}",
+                  file=sys.stderr)
             if not args.keep_going:
                 return 1
-            failed[b] = f"exit code {info['returncode']}: {last_error_line(d / 'train.log')}"
+            failed[b] = f"{why}: {last_error_line(d / 'train.log')}"
         if data_fingerprint(cfg.data.dataset_dir) != inputs["data"]["sha256"]:
             print(f"error: {cfg.data.dataset_dir} changed during the {b} run", file=sys.stderr)
             return 1

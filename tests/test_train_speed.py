@@ -183,6 +183,28 @@ def test_keep_going_reports_the_backends_that_ran_and_why_one_failed(tiny_model_
     assert (out / "report.md").is_file()
 
 
+def test_a_run_past_its_timeout_is_stopped_with_its_children(tiny_model_dir, tmp_path, capsys):
+    """--timeout-s: the bridge's run (recipes.finetune and the bridge python it starts) is stopped while it
+    starts up; bench_run.json says "timed out" and no process of the run is left."""
+    import psutil
+    from recipes.bridge_recipe import bridge_python
+    try:
+        bridge_python()
+    except FileNotFoundError as e:
+        pytest.skip(str(e)) if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") != "1" else pytest.fail(str(e))
+    out = tmp_path / "bench"
+    rc = main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backends", "bridge", "--steps", "2",
+               "--output", str(out), "--timeout-s", "8", "--keep-going", f"model.hf_path={tiny_model_dir}",
+               f"data.dataset_dir={tmp_path / 'data'}", f"data.source={ROOT / 'datasets/demo_pairs.jsonl'}"])
+    assert rc == 1
+    info = json.loads((out / "runs" / "bridge" / "bench_run.json").read_text())
+    assert info["status"] == "timed out" and info["timeout_s"] == 8 and info["wall_s"] < 8 + 45
+    assert "timed out after 8 s" in capsys.readouterr().err
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if str(out / "runs" / "bridge") in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
 def test_hf_with_several_processes_goes_through_torchrun(tmp_path):
     from benchmarks.train_speed import backend_command
     one = backend_command("c.yaml", "hf", tmp_path, ["train.max_steps=2"])
