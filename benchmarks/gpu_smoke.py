@@ -176,6 +176,9 @@ def _peak_allocated(run_dir: Path) -> Optional[float]:
     return max(peaks) / GIB if peaks else None
 
 
+LOG_TAIL_LINES = 60  # of a failed backend's train.log, kept in smoke.json
+
+
 def result_rows(method: str, bench_dir: Path, estimate_gib: float, skipped: dict[str, str] | None = None,
                 backends=BACKENDS) -> list[dict]:
     """Rows of the final table from a finished train_speed run (summary.json + metrics.jsonl); a backend
@@ -194,9 +197,12 @@ def result_rows(method: str, bench_dir: Path, estimate_gib: float, skipped: dict
     for b in backends:
         if b not in done:
             failed = summary.get("failed", {}).get(b)
-            why = (skipped or {}).get(b) or (f"failed, {failed} (see {bench_dir}/runs/{b}/train.log)" if failed
-                                             else f"no result: see {bench_dir}/runs/{b}/train.log")
-            rows.append({"method": method, "backend": b, "note": why})
+            log = bench_dir / "runs" / b / "train.log"
+            why = (skipped or {}).get(b) or (f"failed, {failed} (see {log})" if failed else f"no result: see {log}")
+            row = {"method": method, "backend": b, "note": why}
+            if b not in (skipped or {}) and log.is_file():  # smoke.json alone says what happened
+                row["log_tail"] = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            rows.append(row)
     speed = summary.get("speedup")
     if speed:
         rows.append({"method": method, "backend": "hf/nemo", "step_s": speed["t_hf_over_t_nemo"],

@@ -122,7 +122,12 @@ def test_smoke_rows_say_what_was_skipped_and_why(tmp_path):
     assert table[3].startswith("| lora | hf | - |") and table[3].endswith("ImportError: x |")
     # a backend that failed (train_speed --keep-going) says why; one that left no summary points at its log
     (tmp_path / "summary.json").write_text(json.dumps({"runs": [run], "failed": {"hf": "exit code 1: RuntimeError: y"}}))
-    assert gs.result_rows("lora", tmp_path, 9.0)[1]["note"].startswith("failed, exit code 1: RuntimeError: y (see ")
+    (tmp_path / "runs" / "hf").mkdir(parents=True)
+    (tmp_path / "runs" / "hf" / "train.log").write_text("".join(f"line {i}\n" for i in range(100)) + "RuntimeError: y\n")
+    failed = gs.result_rows("lora", tmp_path, 9.0)[1]
+    assert failed["note"].startswith("failed, exit code 1: RuntimeError: y (see ")
+    assert len(failed["log_tail"]) == gs.LOG_TAIL_LINES and failed["log_tail"][-1] == "RuntimeError: y"
+    assert "line 99" not in gs.format_table([failed])  # the log stays out of the table
     (tmp_path / "summary.json").unlink()
     assert "train.log" in gs.result_rows("lora", tmp_path, 9.0)[0]["note"]
 
