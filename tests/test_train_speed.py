@@ -1,7 +1,6 @@
 """benchmarks.runs and benchmarks.train_speed: fingerprints, the refusal to compare unlike runs (on
 recorded fixtures), the command line, and (slow) a real two-backend benchmark of the tiny config."""
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import yaml
 from benchmarks.runs import (RunsDiffer, check_comparable, compare_runs, data_fingerprint, load_run,
                              model_fingerprint)
 from benchmarks.train_speed import main
+from run_checks import require_bridge_python
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/bench/runs"
@@ -130,11 +130,7 @@ def test_cli_refuses_existing_run_dir_and_bad_backends(tmp_path, capsys):
 def test_real_benchmark_of_the_three_backends(tiny_model_dir, tmp_path):
     """3 steps of the tiny LoRA config with NeMo, HF, then Megatron-Bridge (its own venv), sampled, checked and
     reported."""
-    from recipes.bridge_recipe import bridge_python
-    try:
-        bridge_python()
-    except FileNotFoundError as e:
-        pytest.skip(str(e)) if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") != "1" else pytest.fail(str(e))
+    require_bridge_python()
     out = tmp_path / "bench"
     rc = main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backends", "nemo,hf,bridge", "--steps", "3",
                "--output", str(out), "--interval", "0.25", f"model.hf_path={tiny_model_dir}",
@@ -187,11 +183,7 @@ def test_a_run_past_its_timeout_is_stopped_with_its_children(tiny_model_dir, tmp
     """--timeout-s: the bridge's run (recipes.finetune and the bridge python it starts) is stopped while it
     starts up; bench_run.json says "timed out" and no process of the run is left."""
     import psutil
-    from recipes.bridge_recipe import bridge_python
-    try:
-        bridge_python()
-    except FileNotFoundError as e:
-        pytest.skip(str(e)) if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") != "1" else pytest.fail(str(e))
+    require_bridge_python()
     out = tmp_path / "bench"
     rc = main(["--config", str(ROOT / "nemo_configs/tiny_lora.yaml"), "--backends", "bridge", "--steps", "2",
                "--output", str(out), "--timeout-s", "8", "--keep-going", f"model.hf_path={tiny_model_dir}",
