@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per backend (default: %(default)s)")
     ap.add_argument("--method", choices=[*METHODS, "both"], default="lora", help="default: %(default)s")
     ap.add_argument("--output", default="runs/gpu_smoke", help="output dir (default: %(default)s)")
-    ap.add_argument("--backend-timeout-s", type=float, default=300.0, metavar="SECONDS",
+    ap.add_argument("--backend-timeout-s", type=float, default=210.0, metavar="SECONDS",
                     help="stop a backend's run after this long, start-up included, and go on with the other "
                          "(default: %(default)g; 0: no limit)")
     ap.add_argument("--dry-run", action="store_true", help="preflight, write the configs, print the estimate and the "
