@@ -337,10 +337,7 @@ def apply(exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
     if torch.cuda.is_available():
         raise RuntimeError("recipes.bridge_shim.apply() is for CPU-only machines; CUDA is available here")
     import_bridge()
-    for name, fn in PATCHES.items():
-        if name not in exclude and name not in _applied:
-            fn()
-            _applied.append(name)
+    cpu_shim.run_patches(PATCHES, exclude, _applied)
     return applied()
 
 

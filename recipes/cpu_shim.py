@@ -349,12 +349,18 @@ def applied() -> list[str]:
     return list(_applied)
 
 
-def _run(patches: dict[str, Callable[[], None]], exclude) -> None:
+def run_patches(patches: dict[str, Callable[[], None]], exclude, done: list[str]) -> None:
+    """Run each patch of ``patches`` (in order) that is neither in ``exclude`` nor in ``done``, adding its
+    name to ``done`` (a shim's list of applied patches; recipes.bridge_shim's too)."""
     for name, patch in patches.items():
-        if name in exclude or name in _applied:
+        if name in exclude or name in done:
             continue
         patch()
-        _applied.append(name)
+        done.append(name)
+
+
+def _run(patches: dict[str, Callable[[], None]], exclude) -> None:
+    run_patches(patches, exclude, _applied)
 
 
 def _check_names(exclude) -> None:
