@@ -191,6 +191,18 @@ def _wheel_pin(path: Path) -> str:
     return f"{name}=={version}"
 
 
+def without_host_builds(bundle: str | Path, out: str | Path) -> list[str]:
+    """Write to ``out`` the bundle's requirements.txt less the sources it builds on the host (``bundle.json``
+    ``built_on_host``: gpu_smoke.sh's second try where that build failed); the names left out, sorted."""
+    bundle = Path(bundle)
+    names = {_key(b["file"].rsplit("-", 1)[0])
+             for b in json.loads((bundle / MANIFEST).read_text(encoding="utf-8")).get("built_on_host", [])}
+    lines = (bundle / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    Path(out).write_text("".join(f"{ln}\n" for ln in lines if _key(ln.split("==")[0]) not in names),
+                         encoding="utf-8")
+    return sorted(names)
+
+
 def build(output: Path, python: str = "3.12", glibc: str = "2.31", overwrite: bool = False,
           pins_path: Path = PINS, progress: bool = True, from_source: frozenset[str] = frozenset()) -> dict:
     """Write the bundle into ``output`` (via a temporary sibling renamed at the end); its manifest."""

@@ -66,17 +66,8 @@ if [[ -n "$bundle" ]]; then
     if ! bundle_install "$bundle/requirements.txt"; then
         # most likely a source the bundle builds here (no compiler or Python headers on this host): the rest is
         # installed without it, and the backends that need it are skipped (the table says which and why)
-        not_built=$("$PY" - "$bundle" "$prefix/requirements-no-build.txt" <<'PYEOF'
-import json, re, sys
-bundle, out = sys.argv[1], sys.argv[2]
-names = {re.sub(r"[-_.]+", "-", b["file"].rsplit("-", 1)[0]).lower()
-         for b in json.load(open(f"{bundle}/bundle.json"))["built_on_host"]}
-lines = open(f"{bundle}/requirements.txt").read().splitlines()
-keep = [ln for ln in lines if re.sub(r"[-_.]+", "-", ln.split("==")[0]).lower() not in names]
-open(out, "w").write("\n".join(keep) + "\n")
-print(",".join(sorted(names)))
-PYEOF
-)
+        not_built=$("$PY" -c 'import sys; from benchmarks.gpu_bundle import without_host_builds as w
+print(",".join(w(*sys.argv[1:])))' "$bundle" "$prefix/requirements-no-build.txt")
         [[ -n "$not_built" ]] || { echo "error: installing $bundle failed (above)" >&2; exit 1; }
         echo "warning: installing $bundle failed (above); installing it without what it builds here: $not_built" >&2
         bundle_install "$prefix/requirements-no-build.txt"
