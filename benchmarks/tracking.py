@@ -181,9 +181,7 @@ class StepRun:
     named ``settings["run_name"]``, ``params`` (:func:`config_params`) and ``<output_dir>/mlflow_run.json``.
     :meth:`log` adds one step's scalars as ``train/<name>``; :meth:`end` sets FINISHED or FAILED."""
 
-    def __init__(self, settings: Mapping[str, str], output_dir: str | Path, params: Mapping[str, str],
-                 tags: Optional[Mapping[str, str]] = None):
-        from mlflow.entities import Param
+    def __init__(self, settings: Mapping[str, str], output_dir: str | Path, params: Mapping[str, str]):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -192,15 +190,13 @@ class StepRun:
         try:
             exp = self.client.get_experiment_by_name(settings["experiment"])
             experiment_id = exp.experiment_id if exp else self.client.create_experiment(settings["experiment"])
-            run = self.client.create_run(experiment_id, run_name=settings["run_name"], tags=dict(tags or {}))
-            ps = [Param(k, str(v)) for k, v in params.items()]
-            for i in range(0, len(ps), 100):  # log_batch takes at most 100 params per call
-                self.client.log_batch(run.info.run_id, params=ps[i:i + 100])
+            run = self.client.create_run(experiment_id, run_name=settings["run_name"])
         except MlflowException as e:
             raise TrackingError(f"MLflow at {self.uri}: {e.message}") from None
         except OSError as e:
             raise TrackingError(f"MLflow at {self.uri}: {e}") from None
         self.run_id, self.ended = run.info.run_id, False
+        log_summary(self.uri, self.run_id, {}, params)
         write_run_file(output_dir, self.uri, settings["experiment"], experiment_id, self.run_id,
                        settings["run_name"])
 
