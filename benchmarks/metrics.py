@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from recipes.fileio import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"  # TensorBoard event files of a run: <output_dir>/tb (recipes.config.TrackingConfig)
 # What every backend sends to its tracker per optimizer step (TensorBoard tag "train/<name>"), from
@@ -102,7 +104,10 @@ class StepTimer:
     keeps every finished step.
     """
 
-    def __init__(self, output_dir: str | Path, backend: str, append: bool = False):
+    def __init__(self, output_dir: str | Path, backend: str, resume_step: int = 0):
+        """``resume_step``: the step of the checkpoint a resumed run starts from (0: a fresh run, the file is
+        started anew). A resumed run keeps the records up to that step as written, drops the later ones (the
+        killed run's steps that are trained again) and appends, so every step stands once."""
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.backend = backend
@@ -110,7 +115,12 @@ class StepTimer:
         # others still time steps (their records are discarded). The counts are summed over the
         # data-parallel ranks at the end of each step (:attr:`count_group`), so a record holds the whole
         # global batch's tokens whatever the layout.
-        self._f = open(self.path, "a" if append else "w", encoding="utf-8", buffering=1) if global_rank() == 0 else None
+        self._f = None
+        if global_rank() == 0:
+            resumed = resume_step > 0 and self.path.is_file()
+            if resumed:
+                keep_records_through(self.path, resume_step)
+            self._f = open(self.path, "a" if resumed else "w", encoding="utf-8", buffering=1)
         # the process group whose ranks see different data (None: all ranks; set to Megatron's
         # data-parallel group by the NeMo callback, where tensor/pipeline ranks share a micro-batch)
         self.count_group = None
@@ -176,6 +186,19 @@ class StepTimer:
     def close(self) -> None:
         if self._f is not None and not self._f.closed:
             self._f.close()
+
+
+def keep_records_through(path: Path, step: int) -> None:
+    """Rewrite ``path`` (temp file + rename) with its records of steps <= ``step``. A line that is not JSON (the
+    last one of a killed run, cut mid-write) is dropped with the steps after ``step``."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text_atomic(path, "".join(keep))
 
 
 def tracked_scalars(rec: StepRecord) -> dict[str, float]:

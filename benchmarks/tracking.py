@@ -5,7 +5,8 @@ A training run with ``tracking.mlflow`` set (recipes.config.TrackingConfig) logs
 through its backend's own logger (NeMo: Lightning's MLFlowLogger in NeMoLogger; HF: transformers'
 MLflowCallback) under the TensorBoard names, ``train/<name>`` for :data:`benchmarks.metrics.TRACKED`,
 the resolved config as parameters ``section.key`` (:func:`config_params`), and writes
-``<output_dir>/mlflow_run.json`` (:data:`RUN_FILE`: tracking URI, experiment, run id and name).
+``<output_dir>/mlflow_run.json`` (:data:`RUN_FILE`: tracking URI, experiment, run id and name). Run again in
+the same output dir (a resume), it starts a new run tagged with the one before (:func:`previous_run`).
 ``benchmarks.train_speed``, ``benchmarks.bleu``, ``benchmarks.fidelity`` and ``benchmarks.model_eval`` add
 their summary figures to a run named by ``--mlflow-run`` (that directory or a run id; :func:`add_arguments`).
 
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -82,6 +84,41 @@ def write_run_file(output_dir: str | Path, uri: str, experiment: str, experiment
     write_json_atomic(path, {"tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id,
                              "run_id": run_id, "run_name": run_name})
     return path
+
+
+PREVIOUS_RUN_TAG = "previous_run_id"
+
+
+def previous_run(output_dir: str | Path, uri: str) -> Optional[str]:
+    """The MLflow run that an earlier training in ``output_dir`` named in its :data:`RUN_FILE`, when that run is
+    on ``uri``: the same command run again (a resume from the run's checkpoint, or a fresh start where none was
+    saved). A new run records it as tag :data:`PREVIOUS_RUN_TAG`, so the two halves of a resumed training find
+    each other. Where that run is still RUNNING, its process died without ending it (SIGKILL, a lost node,
+    scancel): it is ended as KILLED here. None where there is no such run; a run or server that cannot be read
+    is said on stderr and counts as none (the new run still starts)."""
+    f = Path(output_dir) / RUN_FILE
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        if tracking_uri(rec["tracking_uri"]) != tracking_uri(uri):
+            return None
+        run_id = rec["run_id"]
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, TrackingError) as e:
+        print(f"mlflow: {f}: not read ({e}); the new run names no previous run", file=sys.stderr, flush=True)
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri(uri))
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            print(f"mlflow: the previous run {run_id} of {output_dir} was still RUNNING (its process died): "
+                  "ended as KILLED", flush=True)
+    except MlflowException as e:
+        print(f"mlflow: the previous run {run_id} of {output_dir}: {e.message}", file=sys.stderr, flush=True)
+        return None
+    return run_id
 
 
 def resolve_run(run: str, uri: Optional[str] = None) -> tuple[str, str]:
@@ -178,7 +215,8 @@ class StepRun:
     (``mlflow_utils.on_save_checkpoint_success``), hundreds of GiB a save for a 70B SFT.
 
     Made on the process that writes metrics.jsonl (global rank 0): the experiment (made when missing), a run
-    named ``settings["run_name"]``, ``params`` (:func:`config_params`) and ``<output_dir>/mlflow_run.json``.
+    named ``settings["run_name"]`` (tagged with the output dir's :func:`previous_run`), ``params``
+    (:func:`config_params`) and ``<output_dir>/mlflow_run.json``.
     :meth:`log` adds one step's scalars as ``train/<name>``; :meth:`end` sets FINISHED or FAILED."""
 
     def __init__(self, settings: Mapping[str, str], output_dir: str | Path, params: Mapping[str, str]):
@@ -190,7 +228,9 @@ class StepRun:
         try:
             exp = self.client.get_experiment_by_name(settings["experiment"])
             experiment_id = exp.experiment_id if exp else self.client.create_experiment(settings["experiment"])
-            run = self.client.create_run(experiment_id, run_name=settings["run_name"])
+            previous = previous_run(output_dir, self.uri)
+            run = self.client.create_run(experiment_id, run_name=settings["run_name"],
+                                         tags={PREVIOUS_RUN_TAG: previous} if previous else None)
         except MlflowException as e:
             raise TrackingError(f"MLflow at {self.uri}: {e.message}") from None
         except OSError as e:

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import families  # noqa: E402
-from benchmarks.metrics import METRICS_FILE, StepTimer, global_rank, tracked_scalars  # noqa: E402
+from benchmarks.metrics import StepTimer, global_rank, tracked_scalars  # noqa: E402
 from recipes import bridge_recipe  # noqa: E402
 from recipes.bridge_shim import prepare_process  # noqa: E402
 from recipes.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -193,16 +193,10 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
             self._lr = None
 
         def on_train_start(self, context):
-            path = output_dir / METRICS_FILE
             step = context.state.train_state.step
             if save_once is not None:
                 save_once.loaded(step)
-            resumed = step > 0 and path.is_file()
-            if resumed and global_rank() == 0:
-                keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= step]
-                write_text_atomic(path, "".join(ln + "\n" for ln in keep))
-            self.timer = StepTimer(output_dir, backend="bridge", append=resumed)
+            self.timer = StepTimer(output_dir, backend="bridge", resume_step=step)
             from megatron.core import parallel_state
             if parallel_state.model_parallel_is_initialized():
                 self.timer.count_group = parallel_state.get_data_parallel_group()

@@ -84,7 +84,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     val_check_interval: int = 0  # 0: validate only at the end
     limit_val_batches: int = 2
-    checkpoint_every_n_steps: int = 0  # 0: only at the end
+    checkpoint_every_n_steps: int = 0  # 0: only at the end (HF: none, the final adapter/model only); a rerun resumes
     num_devices: int = 1  # GPUs per node (1 on CPU); the world size is num_devices * parallel.num_nodes
     # NeMo only: pack several short sequences into one seq_length row (NeMo's packed SFT dataset).
     packed_sequence: bool = False

@@ -12,13 +12,18 @@ What it does, in order (``HFRecipe.setup/train/cleanup``):
   (TRL/transformers defaults are never relied on: bf16 and gradient checkpointing stay off unless
   the config asks, also on CPU);
 - one ``metrics.jsonl`` record per optimizer step (benchmarks.metrics), ``resolved_config.yaml``,
-  and the adapter (``adapter/``) or full model (``model/``) in HF format.
+  and the adapter (``adapter/``) or full model (``model/``) in HF format;
+- with ``train.checkpoint_every_n_steps`` > 0, Trainer checkpoints (weights, optimizer, scheduler, RNG and
+  data position) every N steps in ``<output_dir>/hf/checkpoints/checkpoint-N``, the newest two kept; rerunning
+  the same command resumes from the newest complete one, as the NeMo and bridge backends do (0: none, only the
+  final adapter/model: a rerun starts again).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import families
 from benchmarks.metrics import TB_DIR
@@ -70,12 +75,28 @@ def hf_accumulation_steps(cfg: ExperimentConfig) -> int:
     return t.global_batch_size // (t.micro_batch_size * world)
 
 
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where the Trainer writes its ``checkpoint-N`` dirs (``train.checkpoint_every_n_steps``)."""
+    return Path(output_dir) / "hf" / "checkpoints"
+
+
+def last_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete Trainer checkpoint of a run, or None. Complete: it has ``trainer_state.json``, which
+    the Trainer writes last (after the weights, optimizer, scheduler and RNG states), so a run killed while
+    saving leaves a checkpoint this passes over."""
+    found = [p for p in checkpoint_dir(output_dir).glob("checkpoint-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+
+
 def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: bool) -> dict:
     """The SFTConfig keyword arguments for this experiment (tests compare them with NeMo's)."""
     o, t = cfg.optim, cfg.train
     sched_kwargs = {"min_lr": o.min_lr} if o.scheduler == "cosine" else {}
+    every = t.checkpoint_every_n_steps
+    saves = dict(save_strategy="steps", save_steps=every, save_total_limit=2) if every else dict(save_strategy="no")
     return dict(
-        output_dir=str(Path(output_dir) / "trainer"),
+        output_dir=str(checkpoint_dir(output_dir)),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -99,7 +120,7 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         logging_steps=t.log_every_n_steps,
         eval_strategy="steps" if t.val_check_interval else "no",
         eval_steps=t.val_check_interval or None,
-        save_strategy="no",  # the final adapter/model is saved explicitly below
+        **saves,  # the final adapter/model is saved explicitly (HFRecipe.train)
         report_to=["tensorboard"] if cfg.tracking.tensorboard else "none",
         logging_dir=str(Path(output_dir).absolute() / TB_DIR),
         use_cpu=use_cpu,
@@ -176,7 +197,8 @@ def _mlflow_callback(cfg: ExperimentConfig, output_dir: Path, mlflow: dict):
     trackers and both backends name a metric alike. Its set-up reads the URI and experiment from
     MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (set for the call) and the run name from
     ``TrainingArguments.run_name``; it logs the TrainingArguments and model config as parameters, this adds
-    the resolved config as ``section.key`` parameters and writes ``mlflow_run.json``."""
+    the resolved config as ``section.key`` parameters, tags the run with the output dir's previous one
+    (tracking.previous_run: a resumed run) and writes ``mlflow_run.json``."""
     from transformers.integrations import MLflowCallback
     from transformers.integrations.integration_utils import rewrite_logs
 
@@ -199,6 +221,9 @@ def _mlflow_callback(cfg: ExperimentConfig, output_dir: Path, mlflow: dict):
             if state.is_world_process_zero:
                 run = self._ml_flow.active_run()
                 self._ml_flow.log_params(tracking.config_params(cfg.to_dict()))
+                previous = tracking.previous_run(output_dir, mlflow["uri"])
+                if previous:
+                    self._ml_flow.set_tag(tracking.PREVIOUS_RUN_TAG, previous)
                 tracking.write_run_file(output_dir, mlflow["uri"], mlflow["experiment"], run.info.experiment_id,
                                         run.info.run_id, run.info.run_name)
 
@@ -255,7 +280,12 @@ class HFRecipe:
                                      target_modules=hf_lora_targets(cfg.lora.target_modules, cfg.model.family),
                                      bias="none", task_type="CAUSAL_LM")
 
-        self.timer = timer = StepTimer(self.output_dir, backend="hf")
+        self.resume_from = last_checkpoint(self.output_dir)
+        resume_step = 0
+        if self.resume_from is not None:
+            resume_step = int(json.loads((self.resume_from / "trainer_state.json").read_text())["global_step"])
+            print(f"hf: resuming from {self.resume_from} (step {resume_step})", flush=True)
+        self.timer = timer = StepTimer(self.output_dir, backend="hf", resume_step=resume_step)
         step_clock = _metrics_callback(timer)
 
         class CountingSFTTrainer(SFTTrainer):
@@ -292,7 +322,7 @@ class HFRecipe:
             print(f"hf: lora.a_init_seed={cfg.lora.a_init_seed}: {n} LoRA A matrices set", flush=True)
 
     def train(self) -> Path:
-        self.trainer.train()
+        self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
         if self.cfg.method == "lora":
             out = self.output_dir / "adapter"
             self.trainer.model.save_pretrained(out)

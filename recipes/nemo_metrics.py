@@ -1,14 +1,12 @@
 """``metrics.jsonl`` from a NeMo run: the Lightning callback and the per-micro-batch token counts."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from benchmarks.metrics import METRICS_FILE, StepTimer, tracked_scalars
-from recipes.fileio import write_text_atomic
+from benchmarks.metrics import StepTimer, tracked_scalars
 from recipes.tokens import sft_batch_counts as micro_batch_counts  # noqa: F401 - the name the tests use
 
 
@@ -30,7 +28,7 @@ class MetricsCallback(Callback):
     call per micro-batch; ``step.forward_only`` tells validation apart). On resume the records after
     the restored step are dropped and the file is appended to, so step numbers continue. A
     checkpoint save happens after a step's record is written, so its time lands in the next step's
-    ``step_time_s`` (the HF backend saves only at the end). The same step's
+    ``step_time_s`` (in the HF backend too: the Trainer logs a step before it saves). The same step's
     :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``; the grad
     norm is the ``grad_norm`` NeMo's MegatronStrategy logs from the optimizer step's return value.
 
@@ -38,8 +36,8 @@ class MetricsCallback(Callback):
     start of a fresh run (the other backends' starting adapter).
 
     An MLflow logger among them (``tracking.mlflow``) gets the resolved config (``resolved_config.yaml``
-    in the output dir) as ``section.key`` parameters at the start, and its run is written to
-    ``mlflow_run.json`` (benchmarks.tracking).
+    in the output dir) as ``section.key`` parameters at the start, the tag of the output dir's previous run
+    (a resumed run: benchmarks.tracking.previous_run), and its run is written to ``mlflow_run.json``.
     """
 
     def __init__(self, output_dir: str, lora_a_init_seed: int | None = None, tensor_parallel_size: int = 1):
@@ -50,13 +48,7 @@ class MetricsCallback(Callback):
         self._lr = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        path = Path(self.output_dir) / METRICS_FILE
-        resumed = trainer.global_step > 0 and path.is_file()
-        if resumed:
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= trainer.global_step]
-            write_text_atomic(path, "".join(line + "\n" for line in keep))
-        self.timer = StepTimer(self.output_dir, backend="nemo", append=resumed)
+        self.timer = StepTimer(self.output_dir, backend="nemo", resume_step=trainer.global_step)
         # lora.a_init_seed, on a fresh run only; NeMo 2.1's PEFT transform adds the adapters (and rebuilds the
         # optimizer) at the start of the first training epoch, after this hook: set them before the first batch
         self._a_init_pending = self.lora_a_init_seed is not None and trainer.global_step == 0
@@ -74,6 +66,9 @@ class MetricsCallback(Callback):
             if isinstance(logger, MLFlowLogger) and global_rank() == 0:
                 if resolved.is_file():
                     logger.log_hyperparams(tracking.config_params_from_yaml(resolved))
+                previous = tracking.previous_run(self.output_dir, logger._tracking_uri)
+                if previous:
+                    logger.experiment.set_tag(logger.run_id, tracking.PREVIOUS_RUN_TAG, previous)
                 tracking.write_run_file(self.output_dir, logger._tracking_uri, logger._experiment_name,
                                         logger.experiment_id, logger.run_id, logger._run_name)
 

@@ -23,7 +23,7 @@ import pytest
 
 from benchmarks.metrics import read_metrics
 from run_checks import kill_when_step, require_bridge_python, tiny_inputs
-from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
+from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
@@ -216,16 +216,19 @@ def test_lora_run_metrics_tensorboard_and_adapter(lora_run, tiny, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
     """Killed once step 6 is logged; the same command resumes from the step-4 checkpoint: steps 1-4 kept as
-    written, 5-8 rerun, every step with the uninterrupted run's data, lr and loss."""
+    written, 5-8 rerun, every step with the uninterrupted run's data, lr and loss. MLflow: the rerun ends the
+    killed run (left RUNNING) as KILLED and starts one tagged with it."""
     reference = read_metrics(lora_run)
     out = tmp_path / "resume"
-    proc = _finetune("tiny_lora", tiny, out, *LORA, popen=True)
+    tracked = (*LORA, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
+    proc = _finetune("tiny_lora", tiny, out, *tracked, popen=True)
     metrics = out / "metrics.jsonl"
     killed = kill_when_step(proc, metrics, 6)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
     assert (out / "bridge" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    killed_run = json.loads((out / "mlflow_run.json").read_text())["run_id"]
 
-    r = _finetune("tiny_lora", tiny, out, *LORA)
+    r = _finetune("tiny_lora", tiny, out, *tracked)
     assert _saved_steps(r.stdout + r.stderr) == [8]  # 4 was loaded, not saved again
     resumed = read_metrics(metrics)
     assert [r["step"] for r in resumed] == list(range(1, 9))
@@ -234,6 +237,7 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
     for got, ref in zip(resumed, reference):
         assert (got["tokens"], got["loss_tokens"], got["lr"]) == (ref["tokens"], ref["loss_tokens"], ref["lr"])
         assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5), got["step"]
+    assert_resumed_mlflow_run(out, killed_run, resumed[4:], "bridge", "tiny_lora")
 
 
 @pytest.mark.slow

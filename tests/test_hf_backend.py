@@ -1,14 +1,17 @@
 """HF baseline on a tiny random Llama: real TRL/peft runs on CPU, loss falls, outputs are HF format."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.metrics import read_metrics
-from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
+from benchmarks.metrics import StepTimer, read_metrics
+from run_checks import kill_when_step
+from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 from recipes.config import load_config
 from recipes.finetune import main as finetune_main
-from recipes.hf_backend import PadCollator, hf_lora_targets, load_split, training_arguments
+from recipes.hf_backend import PadCollator, hf_lora_targets, last_checkpoint, load_split, training_arguments
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +120,6 @@ def test_tracking_off_writes_no_event_files(tiny_model_dir, tiny_data_dir, tmp_p
 
 
 def test_only_global_rank_zero_writes_metrics(tmp_path, monkeypatch):
-    from benchmarks.metrics import StepTimer
     monkeypatch.setenv("RANK", "3")
     t = StepTimer(tmp_path / "r3", backend="hf")
     t.begin()
@@ -156,3 +158,82 @@ def test_read_tensorboard_reads_a_summary_writers_scalars(tmp_path):
     assert [s for s, _ in got["train/loss"]] == [1, 2, 3] and abs(got["train/loss"][2][1] - 1 / 3) < 1e-6
     with pytest.raises(FileNotFoundError, match="no TensorBoard"):
         read_tensorboard(tmp_path / "missing")
+
+
+def test_checkpoints_every_n_steps_keep_the_newest_two():
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", ["train.checkpoint_every_n_steps=4"])
+    a = training_arguments(cfg, "/x", use_cpu=True)
+    assert (a["save_strategy"], a["save_steps"], a["save_total_limit"]) == ("steps", 4, 2)
+    assert a["output_dir"] == "/x/hf/checkpoints"
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", ["train.checkpoint_every_n_steps=0"])
+    assert training_arguments(cfg, "/x", use_cpu=True)["save_strategy"] == "no"
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    assert last_checkpoint(tmp_path) is None
+    ckpts = tmp_path / "hf" / "checkpoints"
+    for n, complete in [(4, True), (12, True), (16, False), (8, True)]:
+        (ckpts / f"checkpoint-{n}").mkdir(parents=True)
+        if complete:
+            (ckpts / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (ckpts / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == ckpts / "checkpoint-12"  # by number, not name; 16 was cut mid-save
+
+
+def test_a_resumed_timer_keeps_the_steps_up_to_its_checkpoint(tmp_path):
+    t = StepTimer(tmp_path, backend="hf")
+    for step in (1, 2, 3):
+        t.begin()
+        t.end(step, 1.0, 1e-3)
+    t.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    with pytest.raises(ValueError, match="metrics.jsonl:4: not JSON"):
+        read_metrics(tmp_path)
+    t = StepTimer(tmp_path, backend="hf", resume_step=2)
+    t.begin()
+    t.end(3, 0.5, 1e-3)
+    t.close()
+    recs = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+    StepTimer(tmp_path, backend="hf").close()  # a fresh run starts the file anew
+    assert read_metrics(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+    """LoRA, 8 steps, a Trainer checkpoint every 4. Killed once step 6 is logged, the same command resumes from
+    hf/checkpoints/checkpoint-4 (weights, optimizer, scheduler, RNG, data position): steps 1-4 kept as written,
+    5-8 trained again with the data, lr and loss of an uninterrupted run; the adapter is written at the end.
+    MLflow: the rerun ends the killed run (left RUNNING) as KILLED and starts one tagged with it."""
+    overrides = ("train.max_steps=8", "train.checkpoint_every_n_steps=4", "tracking.tensorboard=false")
+    cmd = [sys.executable, "-m", "recipes.finetune", "--config", str(ROOT / "nemo_configs/tiny_lora.yaml"),
+           "--backend", "hf"]
+    ref = tmp_path / "reference"
+    r = subprocess.run([*cmd, *_overrides(tiny_model_dir, tiny_data_dir, ref, *overrides)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    reference = read_metrics(ref)
+
+    out = tmp_path / "resume"
+    args = [*cmd, *_overrides(tiny_model_dir, tiny_data_dir, out, *overrides, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    killed = kill_when_step(proc, out / "metrics.jsonl", 6)
+    assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
+    assert last_checkpoint(out).name == "checkpoint-4" and not (out / "adapter").exists()
+    killed_run = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "hf: resuming from" in r.stdout and "(step 4)" in r.stdout
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert resumed[:4] == killed[:4]
+    assert [r["time_s"] for r in resumed[4:6]] != [r["time_s"] for r in killed[4:6]]  # 5-6 were trained again
+    for got, want in zip(resumed, reference):
+        assert (got["tokens"], got["loss_tokens"], got["lr"]) == (want["tokens"], want["loss_tokens"], want["lr"])
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5), got["step"]
+    assert sorted(p.name for p in (out / "hf" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert_resumed_mlflow_run(out, killed_run, resumed[4:], "hf", "tiny_lora")

@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks.metrics import read_metrics
 from run_checks import kill_when_step
-from tracking_checks import assert_mlflow_like_metrics, assert_tracked_like_metrics
+from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 import families
 from convert import nemo_ckpt as nc
 from recipes import nemo_import as ni, nemo_metrics as nm, nemo_recipe as nr
@@ -489,18 +489,21 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, imported, tmp_path):
     """LoRA, 8 steps, a checkpoint every 4. The run is killed once step 6 is logged; rerunning the
     same command resumes from the step-4 checkpoint (weights, optimizer, scheduler, data position):
     metrics keep steps 1-4 as written and continue with 5-8, and every step has the data and the
-    loss of an uninterrupted run of the same command (nothing skipped, nothing replayed)."""
+    loss of an uninterrupted run of the same command (nothing skipped, nothing replayed). MLflow: the rerun
+    ends the killed run (left RUNNING) as KILLED and starts one tagged with it."""
     overrides = ["train.max_steps=8", "train.checkpoint_every_n_steps=4"]
     _finetune("tiny_lora", tiny, tmp_path / "reference", *overrides)
     reference = read_metrics(tmp_path / "reference")
 
     out = tmp_path / "resume"
+    overrides.append(f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
     proc = _finetune("tiny_lora", tiny, out, *overrides, popen=True)
     metrics = out / "metrics.jsonl"
     killed = kill_when_step(proc, metrics, 6)  # SIGKILL of the child's process group
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6], "the first run was not killed mid-way"
     assert len(killed) < 8, "the first run finished before it was killed"
     assert nr.checkpoint_step(nr.last_checkpoint(out)) == 3  # NeMo names it by the 0-based step index
+    killed_run = json.loads((out / "mlflow_run.json").read_text())["run_id"]
 
     _finetune("tiny_lora", tiny, out, *overrides)
     resumed = read_metrics(metrics)
@@ -511,3 +514,4 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, imported, tmp_path):
         assert (got["tokens"], got["loss_tokens"], got["lr"]) == (ref["tokens"], ref["loss_tokens"], ref["lr"]), \
             f"step {ref['step']}: different data or lr than the uninterrupted run"
         assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5), f"step {ref['step']}"
+    assert_resumed_mlflow_run(out, killed_run, resumed[4:], "nemo", "tiny_lora")

@@ -124,6 +124,32 @@ def test_bleu_and_fidelity_log_their_summary_to_a_file_store_run(tmp_path, capsy
     assert got["fidelity/pairs"] == 6.0 and 0 <= got["fidelity/faithful_share"] <= 1
 
 
+def test_previous_run_ends_a_run_left_running_and_names_it(tmp_path, capsys):
+    """A rerun in the same output dir: the run in its mlflow_run.json, on the same server, is the previous run;
+    one left RUNNING (its process was SIGKILLed) is ended as KILLED, a FINISHED one is left as it is."""
+    from mlflow.tracking import MlflowClient
+    uri = tracking.tracking_uri(f"file:{tmp_path / 'mlruns'}")
+    client = MlflowClient(uri)
+    out = tmp_path / "run"
+    assert tracking.previous_run(out, uri) is None  # no run file: a first run
+    killed = _new_run(uri)
+    tracking.write_run_file(out, uri, "t", "0", killed, "r")
+    assert tracking.previous_run(out, f"file:{tmp_path / 'elsewhere'}") is None  # another store: not its run
+    assert client.get_run(killed).info.status == "RUNNING"
+    assert tracking.previous_run(out, uri) == killed
+    assert client.get_run(killed).info.status == "KILLED"
+    assert "was still RUNNING" in capsys.readouterr().out
+    finished = _new_run(uri)
+    client.set_terminated(finished, "FINISHED")
+    tracking.write_run_file(out, uri, "t", "0", finished, "r")
+    assert tracking.previous_run(out, uri) == finished and client.get_run(finished).info.status == "FINISHED"
+    tracking.write_run_file(out, uri, "t", "0", "0123456789abcdef", "r")  # deleted from the server
+    assert tracking.previous_run(out, uri) is None
+    assert "0123456789abcdef" in capsys.readouterr().err
+    (out / tracking.RUN_FILE).write_text("{", encoding="utf-8")
+    assert tracking.previous_run(out, uri) is None and "not read" in capsys.readouterr().err
+
+
 def test_a_missing_run_is_an_error_naming_it(tmp_path, capsys):
     from benchmarks import fidelity
     _, _, pairs = _pairs(tmp_path)

@@ -50,3 +50,14 @@ def assert_mlflow_like_metrics(out: Path, recs: list[dict], backend: str, config
             want = rec["tokens"] / rec["step_time_s"] if name == "tokens_per_s" else rec[name]
             assert math.isclose(m.value, want, rel_tol=1e-9, abs_tol=1e-12), (name, m.step, m.value, want)
     return client, run
+
+
+def assert_resumed_mlflow_run(out: Path, killed_run_id: str, resumed: list[dict], backend: str, config_name: str):
+    """A run killed mid-way and run again in ``out``: the killed run is KILLED (ended by the rerun: its own
+    process could not), and the new run is tagged with it and holds the steps trained after the resume
+    (``resumed``: those metrics.jsonl records), as :func:`assert_mlflow_like_metrics` checks."""
+    from benchmarks.tracking import PREVIOUS_RUN_TAG
+    client, run = assert_mlflow_like_metrics(out, resumed, backend, config_name)
+    assert run.info.run_id != killed_run_id
+    assert client.get_run(killed_run_id).info.status == "KILLED"
+    assert run.data.tags.get(PREVIOUS_RUN_TAG) == killed_run_id, run.data.tags
