@@ -418,15 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "rates_bootstrap": {"applies": False, "reason": "one system, no baseline "
                                                                      "(benchmarks.model_eval tests models against a "
                                                                      "baseline)"}})
-    try:
-        where = tracking.log_from_args(args, tracking.flat_numbers(
-            {"bleu": result.to_dict(), **checks.to_dict(), "rates": checks.rates()}, "eval"))
-    except tracking.TrackingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if where:
-        print(where)
-    return 0
+    return tracking.log_from_args(args, tracking.flat_numbers(
+        {"bleu": result.to_dict(), **checks.to_dict(), "rates": checks.rates()}, "eval"))
 
 
 if __name__ == "__main__":

@@ -506,14 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_text(summary, results, args.pairs, args.show))
     if args.json:
         write_json_atomic(args.json, results)
-    try:
-        where = tracking.log_from_args(args, tracking.flat_numbers(summary.to_dict(), "fidelity"))
-    except tracking.TrackingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if where:
-        print(where)
-    return 0
+    return tracking.log_from_args(args, tracking.flat_numbers(summary.to_dict(), "fidelity"))
 
 
 if __name__ == "__main__":

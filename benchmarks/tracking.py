@@ -190,13 +190,19 @@ def add_arguments(parser) -> None:
                         "for file: stores)")
 
 
-def log_from_args(args, metrics: Mapping[str, float], params: Optional[Mapping[str, Any]] = None) -> Optional[str]:
-    """Log ``metrics`` to ``args.mlflow_run`` when it is given; returns a line saying where (None otherwise)."""
+def log_from_args(args, metrics: Mapping[str, float], params: Optional[Mapping[str, Any]] = None) -> int:
+    """A command's exit code after logging ``metrics`` to ``args.mlflow_run`` when it is given: 0 (a line on
+    stdout says where), or 1 with the error on stderr (:class:`TrackingError`: the run or server named)."""
     if not getattr(args, "mlflow_run", None):
-        return None
-    uri, run_id = resolve_run(args.mlflow_run, args.mlflow_uri)
-    n = log_summary(uri, run_id, metrics, params)
-    return f"mlflow: {n} summary metrics -> run {run_id} at {uri}"
+        return 0
+    try:
+        uri, run_id = resolve_run(args.mlflow_run, args.mlflow_uri)
+        n = log_summary(uri, run_id, metrics, params)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"mlflow: {n} summary metrics -> run {run_id} at {uri}")
+    return 0
 
 
 def settings(tracking, config_name: str, method: str, backend: str) -> Optional[dict[str, str]]:
