@@ -13,6 +13,11 @@ What it does, in order (``HFRecipe.setup/train/cleanup``):
   the config asks, also on CPU);
 - one ``metrics.jsonl`` record per optimizer step (benchmarks.metrics), ``resolved_config.yaml``,
   and the adapter (``adapter/``) or full model (``model/``) in HF format;
+- validation as NeMo does it: every ``train.val_check_interval`` steps (0: once, after the last), on the first
+  ``train.limit_val_batches`` whole global batches of ``validation.jsonl`` in file order
+  (:func:`validation_rows`); ``eval/loss`` is the mean over those micro-batches of each one's per-token mean
+  loss, which is NeMo's ``val_loss`` where validation is one global batch (over several, Lightning weights
+  NeMo's per-batch values by a batch size it infers: README, Environment notes);
 - with ``train.checkpoint_every_n_steps`` > 0, Trainer checkpoints (weights, optimizer, scheduler, RNG and
   data position) every N steps in ``<output_dir>/hf/checkpoints/checkpoint-N``, the newest two kept; rerunning
   the same command resumes from the newest complete one, as the NeMo and bridge backends do (0: none, only the
@@ -118,8 +123,8 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
         gradient_checkpointing=t.activation_checkpointing,
         max_seq_length=t.seq_length,
         logging_steps=t.log_every_n_steps,
-        eval_strategy="steps" if t.val_check_interval else "no",
-        eval_steps=t.val_check_interval or None,
+        eval_strategy="steps" if t.limit_val_batches else "no",  # HFRecipe.setup: "no" without a full batch
+        eval_steps=t.val_check_interval or t.max_steps,
         **saves,  # the final adapter/model is saved explicitly (HFRecipe.train)
         report_to=["tensorboard"] if cfg.tracking.tensorboard else "none",
         logging_dir=str(Path(output_dir).absolute() / TB_DIR),
@@ -136,8 +141,9 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
     )
 
 
-def load_split(path: Path, tokenizer, seq_length: int) -> list[dict]:
-    """Token ids/labels of a prepared NeMo-format JSONL split."""
+def load_split(path: Path, tokenizer, seq_length: int, required: bool = True) -> list[dict]:
+    """Token ids/labels of a prepared NeMo-format JSONL split (an error when it has none, unless not
+    ``required``)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -149,9 +155,17 @@ def load_split(path: Path, tokenizer, seq_length: int) -> list[dict]:
             except (json.JSONDecodeError, KeyError) as e:
                 raise ValueError(f"{path}:{i}: not a prepared record ({e})") from None
             rows.append({"input_ids": tp.input_ids, "labels": tp.labels})
-    if not rows:
+    if not rows and required:
         raise ValueError(f"{path}: no records")
     return rows
+
+
+def validation_rows(cfg: ExperimentConfig, rows: list) -> list:
+    """The validation rows NeMo evaluates: the first ``train.limit_val_batches`` global batches, whole ones only
+    (its validation sampler is sequential from the first row at every validation, and a step that cannot fill
+    a global batch is not run). Empty when the split holds less than one global batch."""
+    gbs = cfg.train.global_batch_size
+    return rows[:min(cfg.train.limit_val_batches, len(rows) // gbs) * gbs]
 
 
 class PadCollator:
@@ -271,7 +285,13 @@ class HFRecipe:
         data_dir = Path(cfg.data.dataset_dir)
         train_rows = load_split(data_dir / "training.jsonl", tok, cfg.train.seq_length)
         val_path = data_dir / "validation.jsonl"
-        val_rows = load_split(val_path, tok, cfg.train.seq_length) if cfg.train.val_check_interval else None
+        val_rows = None
+        if cfg.train.limit_val_batches:
+            all_val = load_split(val_path, tok, cfg.train.seq_length, required=False) if val_path.is_file() else []
+            val_rows = validation_rows(cfg, all_val) or None
+            if val_rows is None:
+                print(f"hf: {val_path} has {len(all_val)} record(s), less than one global batch "
+                      f"({cfg.train.global_batch_size}): no validation (as in NeMo and the bridge)", flush=True)
 
         peft_config = None
         if cfg.method == "lora":
@@ -305,6 +325,8 @@ class HFRecipe:
         callbacks = [step_clock]
         mlflow = tracking.settings(cfg.tracking, cfg.name, cfg.method, "hf")
         targs = training_arguments(cfg, self.output_dir, use_cpu=not cuda)
+        if val_rows is None:
+            targs["eval_strategy"] = "no"
         if mlflow:
             targs["run_name"] = mlflow["run_name"]
             callbacks.append(_mlflow_callback(cfg, self.output_dir.absolute(), mlflow))

@@ -11,7 +11,8 @@ from run_checks import kill_when_step
 from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 from recipes.config import load_config
 from recipes.finetune import main as finetune_main
-from recipes.hf_backend import PadCollator, hf_lora_targets, last_checkpoint, load_split, training_arguments
+from recipes.hf_backend import (PadCollator, hf_lora_targets, last_checkpoint, load_split, training_arguments,
+                                validation_rows)
 from recipes.tokens import IGNORE_INDEX, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +238,16 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tiny_data_dir, t
     assert sorted(p.name for p in (out / "hf" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert_resumed_mlflow_run(out, killed_run, resumed[4:], "hf", "tiny_lora")
+
+
+def test_validation_uses_whole_global_batches_as_nemo_does():
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", ["train.limit_val_batches=2", "train.val_check_interval=0"])
+    assert cfg.train.global_batch_size == 8
+    rows = list(range(21))
+    assert validation_rows(cfg, rows) == rows[:16]         # two whole global batches of 8
+    assert validation_rows(cfg, rows[:12]) == rows[:8]     # the incomplete second batch is dropped
+    assert validation_rows(cfg, rows[:7]) == []            # less than one batch: no validation
+    a = training_arguments(cfg, "/x", use_cpu=True)
+    assert (a["eval_strategy"], a["eval_steps"]) == ("steps", cfg.train.max_steps)  # 0: once, after the last step
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", ["train.limit_val_batches=0", "train.val_check_interval=5"])
+    assert training_arguments(cfg, "/x", use_cpu=True)["eval_strategy"] == "no"
