@@ -23,7 +23,8 @@ What it does:
    (median step time, tokens/s, memory, ...; the NeMo/HF ratios as ``bench/speedup/<name>``).
 
 Timed runs get ``OMP_NUM_THREADS=1`` unless it is already set (it is recorded either way).
-An existing ``DIR/runs/B`` is only replaced with ``--overwrite`` (NeMo would resume from its checkpoint).
+An existing ``DIR/runs/B`` is only replaced with ``--overwrite`` (a run there would resume from its checkpoint:
+every backend resumes).
 """
 from __future__ import annotations
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = [d for d in run_dirs if d.exists()]
     if existing and not args.overwrite:
         print(f"error: {', '.join(map(str, existing))} already exist(s); pass --overwrite to replace "
-              "(a NeMo run would otherwise resume from its checkpoint)", file=sys.stderr)
+              "(a run would otherwise resume from its checkpoint)", file=sys.stderr)
         return 2
 
     from recipes.inputs import ensure_inputs
