@@ -223,7 +223,8 @@ class StepRun:
     Made on the process that writes metrics.jsonl (global rank 0): the experiment (made when missing), a run
     named ``settings["run_name"]`` (tagged with the output dir's :func:`previous_run`), ``params``
     (:func:`config_params`) and ``<output_dir>/mlflow_run.json``.
-    :meth:`log` adds one step's scalars as ``train/<name>``; :meth:`end` sets FINISHED or FAILED."""
+    :meth:`log` adds one step's scalars as ``train/<name>`` (or another prefix: ``eval/``); :meth:`end` sets
+    FINISHED or FAILED."""
 
     def __init__(self, settings: Mapping[str, str], output_dir: str | Path, params: Mapping[str, str]):
         from mlflow.exceptions import MlflowException
@@ -246,10 +247,10 @@ class StepRun:
         write_run_file(output_dir, self.uri, settings["experiment"], experiment_id, self.run_id,
                        settings["run_name"])
 
-    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+    def log(self, step: int, scalars: Mapping[str, float], prefix: str = "train/") -> None:
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(f"train/{k}", float(v), ts, int(step))
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{prefix}{k}", float(v), ts, int(step))
                                                     for k, v in scalars.items()])
 
     def end(self, status: str = "FINISHED") -> None:

@@ -142,17 +142,46 @@ def ensure_base(hf_path: str | Path) -> Path:
 
 class CountingForwardStep:
     """The bridge's ``gpt_step.forward_step`` with each micro-batch's token counts handed to ``sink`` while
-    :attr:`counting` is on (training steps only; the callback turns it on and off around a step)."""
+    :attr:`counting` is on (training steps only; the callback turns it on and off around a step), and, while
+    :attr:`eval_losses` is a list (a validation), each micro-batch's per-token mean loss appended to it (on the
+    last pipeline stage, where the loss function runs)."""
 
     def __init__(self, sink=None):
         self.sink = sink
         self.counting = False
+        self.eval_losses: Optional[list[float]] = None
 
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
         from megatron.bridge.training.gpt_step import forward_step
         if self.counting and self.sink is not None and data_iterator is not None:
             data_iterator = _Peek(data_iterator, self.sink)
-        return forward_step(state, data_iterator, model, return_schedule_plan)
+        output, loss_function = forward_step(state, data_iterator, model, return_schedule_plan)
+        if self.eval_losses is None:
+            return output, loss_function
+        losses = self.eval_losses
+
+        def recorded(*args, **kwargs):
+            out = loss_function(*args, **kwargs)  # (loss sum, tokens, {"lm loss": [sum, tokens]})
+            total, tokens = (float(v) for v in out[2]["lm loss"])
+            if tokens > 0:
+                losses.append(total / tokens)
+            return out
+        return output, recorded
+
+
+def mean_over_ranks(values: list[float]) -> Optional[float]:
+    """The mean of every rank's ``values`` together (the world's micro-batches), None when there are none. A
+    tensor-parallel group holds copies of one micro-batch's loss, which scale the sum and the count alike;
+    ranks that are not the last pipeline stage add nothing."""
+    total, n = float(sum(values)), len(values)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+        t = torch.tensor([total, float(n)], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        total, n = float(t[0]), int(t[1])
+    return total / n if n else None
 
 
 class _Peek:
@@ -225,6 +254,22 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
             if run_log is not None and rec is not None:
                 run_log.log(step, tracked_scalars(rec))
 
+        def on_eval_start(self, context):
+            forward.eval_losses = []
+
+        def on_eval_end(self, context):
+            """``eval/loss`` at the step just trained, defined as the NeMo and HF backends' (the mean over the
+            validation's micro-batches of their per-token means; the bridge's own ``lm loss validation`` is the
+            per-token mean over all of them)."""
+            losses, forward.eval_losses = forward.eval_losses or [], None
+            loss = mean_over_ranks(losses)  # a collective: every rank is here
+            step = context.state.train_state.step
+            tb = getattr(context.state, "tensorboard_logger", None)
+            if loss is not None and tb is not None:
+                tb.add_scalar("eval/loss", loss, step)
+            if loss is not None and run_log is not None:
+                run_log.log(step, {"loss": loss}, prefix="eval/")
+
         def on_train_end(self, context):
             if self.timer is not None:
                 self.timer.close()
@@ -238,42 +283,68 @@ def make_callbacks(cfg: ExperimentConfig, output_dir: Path, forward: CountingFor
     return callbacks
 
 
-class SaveOnce:
-    """Megatron-Bridge 0.3's ``pretrain()`` saves once more after training (``if ckpt_config.save and
-    state.train_state.step != 0 and ckpt_config.save_interval != 0: save_checkpoint(...)``), whatever the loop
-    saved: a run whose max_steps is a multiple of the checkpoint interval wrote its last checkpoint twice
-    (seen here: "saving checkpoint at iteration 4" twice; for a 70B full SFT, weights and optimizer state,
-    about a terabyte), and a finished run started again rewrote the one it had just loaded. That save is
-    skipped when this process already has the step's checkpoint (saved by the loop, or loaded at the start).
-    Every rank decides alike, from its own calls: nothing is read from disk, so no rank waits in a save the
-    others skip."""
+class _OnceAfterLoop:
+    """Megatron-Bridge 0.3's ``pretrain()`` does two things once more after its training loop, whatever the loop
+    did at its last step: it saves a checkpoint and it validates. Each is skipped when this process already did
+    it at that step. Every rank decides alike, from its own calls: nothing is read from disk, so no rank waits in
+    a collective the others skip. Subclasses name the function (:attr:`attr`, imported by name into both the
+    loop's module and ``pretrain``'s) and which of its calls count (:meth:`counts`)."""
+
+    attr = ""
+    what = ""
 
     def __init__(self):
-        self.step: Optional[int] = None  # the step of the newest persistent checkpoint this process has
+        self.step: Optional[int] = None  # the last step this process did it at
+
+    def counts(self, kwargs: dict) -> bool:
+        return True
 
     def install(self) -> None:
         import megatron.bridge.training.pretrain as pretrain_mod
         import megatron.bridge.training.train as train_mod
-        loop_save, final_save = train_mod.save_checkpoint, pretrain_mod.save_checkpoint
+        in_loop, after_loop = getattr(train_mod, self.attr), getattr(pretrain_mod, self.attr)
 
-        def saved_by_loop(state, *a, **k):
-            out = loop_save(state, *a, **k)
-            if not k.get("non_persistent_ckpt"):
+        def done_by_loop(state, *a, **k):
+            out = in_loop(state, *a, **k)
+            if self.counts(k):
                 self.step = state.train_state.step
             return out
 
         def final(state, *a, **k):
-            if self.step is not None and self.step == state.train_state.step:
-                print(f"bridge: step {self.step}'s checkpoint is already saved; not saving it again", flush=True)
+            if self.counts(k) and self.step is not None and self.step == state.train_state.step:
+                print(f"bridge: step {self.step}'s {self.what} is already done; not again", flush=True)
                 return None
-            return final_save(state, *a, **k)
+            return after_loop(state, *a, **k)
 
-        train_mod.save_checkpoint, pretrain_mod.save_checkpoint = saved_by_loop, final
+        setattr(train_mod, self.attr, done_by_loop)
+        setattr(pretrain_mod, self.attr, final)
+
+
+class SaveOnce(_OnceAfterLoop):
+    """The checkpoint save after the loop: a run whose max_steps is a multiple of the checkpoint interval wrote its
+    last checkpoint twice (seen here: "saving checkpoint at iteration 4" twice; for a 70B full SFT, weights and
+    optimizer state, about a terabyte), and a finished run started again rewrote the one it had just loaded."""
+
+    attr, what = "save_checkpoint", "checkpoint"
+
+    def counts(self, kwargs: dict) -> bool:
+        return not kwargs.get("non_persistent_ckpt")
 
     def loaded(self, step: int) -> None:
         """The run started from step ``step``'s checkpoint (step > 0)."""
         if step > 0:
             self.step = step
+
+
+class EvalOnce(_OnceAfterLoop):
+    """The validation after the loop: the loop validated at its last step already (``eval_interval`` is
+    ``val_check_interval`` or ``max_steps``), so a run validated its last step twice (seen: ``eval/loss`` at steps
+    1, 2, 2 for 2 steps validated after each). NeMo validates once. A test evaluation (``is_test``) is not skipped."""
+
+    attr, what = "evaluate_and_print_results", "validation"
+
+    def counts(self, kwargs: dict) -> bool:
+        return not kwargs.get("is_test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +482,7 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     forward = CountingForwardStep()
     save_once = SaveOnce()
     save_once.install()
+    EvalOnce().install()
     try:
         pretrain(c, forward, callbacks=make_callbacks(cfg, out, forward, bridge, run_log, save_once))
     except BaseException:

@@ -169,6 +169,18 @@ def validates(cfg: ExperimentConfig) -> bool:
     return validation_rows(cfg) >= cfg.train.global_batch_size
 
 
+def eval_iters(cfg: ExperimentConfig) -> int:
+    """Global batches per validation, NeMo's: ``train.limit_val_batches``, at most the whole global batches that
+    validation.jsonl holds. The bridge's validation iterator is cyclic and goes on from where the last validation
+    stopped, so asked for more it would count rows twice; with exactly the whole file, every validation sees the
+    same rows as NeMo's (which starts at the first row each time). 0 where it cannot validate (:func:`validates`)."""
+    if not validates(cfg):
+        return 0
+    rows = validation_rows(cfg)
+    limit = cfg.train.limit_val_batches
+    return min(limit, rows // cfg.train.global_batch_size) if rows else limit  # no file yet (a dry run): the limit
+
+
 def peft_config(method: str, lora: LoraConfig):
     """The bridge's LoRA (one A for the fused QKV and fc1, as NeMo 2) for method lora; None for full SFT."""
     if method != "lora":
@@ -205,7 +217,7 @@ def build_config(cfg: ExperimentConfig, output_dir: str | Path, base: Optional[s
         model=model,
         train=TrainingConfig(train_iters=t.max_steps, global_batch_size=t.global_batch_size,
                              micro_batch_size=t.micro_batch_size, eval_interval=t.val_check_interval or t.max_steps,
-                             eval_iters=t.limit_val_batches if validates(cfg) else 0, manual_gc=False),
+                             eval_iters=eval_iters(cfg), manual_gc=False),
         optimizer=optimizer_config(cfg.optim, t, cfg.parallel.use_distributed_optimizer, cpu),
         scheduler=scheduler_config(cfg.optim, t),
         ddp=DistributedDataParallelConfig(

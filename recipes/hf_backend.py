@@ -16,8 +16,7 @@ What it does, in order (``HFRecipe.setup/train/cleanup``):
 - validation as NeMo does it: every ``train.val_check_interval`` steps (0: once, after the last), on the first
   ``train.limit_val_batches`` whole global batches of ``validation.jsonl`` in file order
   (:func:`validation_rows`); ``eval/loss`` is the mean over those micro-batches of each one's per-token mean
-  loss, which is NeMo's ``val_loss`` where validation is one global batch (over several, Lightning weights
-  NeMo's per-batch values by a batch size it infers: README, Environment notes);
+  loss, the number the NeMo and bridge callbacks log as ``eval/loss`` too (README, Environment notes);
 - with ``train.checkpoint_every_n_steps`` > 0, Trainer checkpoints (weights, optimizer, scheduler, RNG and
   data position) every N steps in ``<output_dir>/hf/checkpoints/checkpoint-N``, the newest two kept; rerunning
   the same command resumes from the newest complete one, as the NeMo and bridge backends do (0: none, only the

@@ -30,7 +30,8 @@ class MetricsCallback(Callback):
     checkpoint save happens after a step's record is written, so its time lands in the next step's
     ``step_time_s`` (in the HF backend too: the Trainer logs a step before it saves). The same step's
     :func:`benchmarks.metrics.tracked_scalars` go to the trainer's loggers as ``train/<name>``; the grad
-    norm is the ``grad_norm`` NeMo's MegatronStrategy logs from the optimizer step's return value.
+    norm is the ``grad_norm`` NeMo's MegatronStrategy logs from the optimizer step's return value. Each
+    validation adds ``eval/loss``, defined as the HF backend's (:meth:`on_validation_epoch_end`).
 
     With ``lora_a_init_seed`` (``lora.a_init_seed``) the LoRA A matrices are set by ``recipes.lora_init`` at the
     start of a fresh run (the other backends' starting adapter).
@@ -97,6 +98,33 @@ class MetricsCallback(Callback):
         metrics = {f"train/{k}": v for k, v in tracked_scalars(rec).items()}
         for logger in trainer.loggers:  # NeMoLogger's (TensorBoard when tracking.tensorboard); rank 0 only
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_losses = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and outputs is not None:
+            self._val_losses.append(float(outputs))  # the global batch's mean of its micro-batches' token means
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """``eval/loss`` at the step just trained: the plain mean over the validation's global batches of their
+        micro-batch means, i.e. the mean over all its micro-batches of their per-token means - the HF backend's
+        ``eval/loss``. Not NeMo's ``val_loss``, Lightning's epoch mean weighted by a batch size it infers."""
+        losses = getattr(self, "_val_losses", [])
+        if trainer.sanity_checking or not losses:
+            return
+        loss = sum(losses) / len(losses)
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            import torch
+            import torch.distributed as dist
+            # only the last pipeline stage computes the loss (the others report 0): sum over the stages
+            t = torch.tensor([loss], dtype=torch.float64,
+                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+            loss = float(t.item())
+        for logger in trainer.loggers:  # rank 0 only
+            logger.log_metrics({"eval/loss": loss}, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.timer is not None:

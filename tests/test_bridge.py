@@ -159,6 +159,23 @@ def test_dry_run_resolves_the_config_into_the_bridge_container(bridge_py, tiny, 
     assert not (tmp_path / "dry").exists(), "a dry run wrote its output dir"
 
 
+def test_validation_batches_are_nemos_whole_ones(tmp_path):
+    """eval_iters: limit_val_batches, at most the whole global batches of validation.jsonl (the bridge's cyclic
+    iterator would count rows twice); 0 with less than one; the limit before the data is prepared."""
+    from recipes.bridge_recipe import eval_iters
+    from recipes.config import load_config
+    data = tmp_path / "data"
+
+    def iters(rows, limit):
+        if rows is not None:
+            data.mkdir(exist_ok=True)
+            (data / "validation.jsonl").write_text("{}\n" * rows)
+        return eval_iters(load_config(ROOT / "nemo_configs/tiny_lora.yaml",
+                                      [f"data.dataset_dir={data}", f"train.limit_val_batches={limit}"]))
+    assert iters(None, 16) == 16  # not prepared yet: a dry run
+    assert iters(21, 16) == 2 and iters(21, 1) == 1 and iters(7, 16) == 0  # global batch 8
+
+
 def test_missing_bridge_environment_is_a_clear_error(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "recipes.finetune", "--config", str(ROOT / "nemo_configs/tiny_lora.yaml"),
                         "--backend", "bridge", "--output", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
@@ -238,6 +255,29 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
         assert (got["tokens"], got["loss_tokens"], got["lr"]) == (ref["tokens"], ref["loss_tokens"], ref["lr"])
         assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5), got["step"]
     assert_resumed_mlflow_run(out, killed_run, resumed[4:], "bridge", "tiny_lora")
+
+
+@pytest.mark.slow
+def test_validation_gives_the_nemo_backends_eval_loss(bridge_py, tiny, tmp_path):
+    """Validation after each of 2 steps, limit_val_batches=3 global batches of 2 rows on validation.jsonl's 5 rows:
+    NeMo evaluates the first two batches every time; the bridge is asked for two as well (its cyclic iterator would
+    otherwise count rows twice), so at lr 1e-9 (the base model: LoRA B starts at zero) both ``eval/loss`` values -
+    the mean over the micro-batches of their per-token mean - agree at each step, in TensorBoard and MLflow."""
+    from benchmarks.metrics import read_tensorboard
+    from mlflow.tracking import MlflowClient
+    assert len((tiny["data"] / "validation.jsonl").read_text().splitlines()) == 5
+    same = ("train.max_steps=2", "train.val_check_interval=1", "train.limit_val_batches=3", "train.micro_batch_size=1",
+            "train.global_batch_size=2", "optim.lr=1e-9", "optim.min_lr=0", "optim.warmup_steps=0")
+    _finetune("tiny_lora", tiny, tmp_path / "nemo", *same, backend="nemo")
+    _finetune("tiny_lora", tiny, tmp_path / "bridge", *same, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
+    nemo = read_tensorboard(tmp_path / "nemo" / "tb")["eval/loss"]
+    bridge = read_tensorboard(tmp_path / "bridge" / "tb")["eval/loss"]
+    assert [s for s, _ in bridge] == [s for s, _ in nemo] == [1, 2], (nemo, bridge)
+    for (_, a), (_, b) in zip(nemo, bridge):
+        assert b == pytest.approx(a, abs=2e-5), (nemo, bridge)
+    info = json.loads((tmp_path / "bridge" / "mlflow_run.json").read_text())
+    hist = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_id"], "eval/loss")
+    assert sorted((m.step, m.value) for m in hist) == [(s, pytest.approx(v, rel=1e-6)) for s, v in bridge]
 
 
 @pytest.mark.slow
