@@ -299,6 +299,9 @@ class _OnceAfterLoop:
     def counts(self, kwargs: dict) -> bool:
         return True
 
+    def after_loop_call(self, state, args: tuple, kwargs: dict) -> None:
+        """Called after each counted call in the loop."""
+
     def install(self) -> None:
         import megatron.bridge.training.pretrain as pretrain_mod
         import megatron.bridge.training.train as train_mod
@@ -308,6 +311,7 @@ class _OnceAfterLoop:
             out = in_loop(state, *a, **k)
             if self.counts(k):
                 self.step = state.train_state.step
+                self.after_loop_call(state, a, k)
             return out
 
         def final(state, *a, **k):
@@ -339,12 +343,29 @@ class SaveOnce(_OnceAfterLoop):
 class EvalOnce(_OnceAfterLoop):
     """The validation after the loop: the loop validated at its last step already (``eval_interval`` is
     ``val_check_interval`` or ``max_steps``), so a run validated its last step twice (seen: ``eval/loss`` at steps
-    1, 2, 2 for 2 steps validated after each). NeMo validates once. A test evaluation (``is_test``) is not skipped."""
+    1, 2, 2 for 2 steps validated after each). NeMo validates once. A test evaluation (``is_test``) is not skipped.
+
+    Also makes every validation start at the first row, as NeMo's do: the bridge's validation iterator is cyclic
+    and goes on where the last validation stopped, so after one that read ``eval_iters`` of the file's
+    ``whole_batches`` global batches the rest of the cycle is read past (one ``next`` per global batch: the
+    finetuning "batch" loader yields a rank's whole global batch), with no forward pass."""
 
     attr, what = "evaluate_and_print_results", "validation"
 
+    def __init__(self, whole_batches: int = 0):
+        super().__init__()
+        self.whole_batches = whole_batches
+
     def counts(self, kwargs: dict) -> bool:
         return not kwargs.get("is_test")
+
+    def after_loop_call(self, state, args: tuple, kwargs: dict) -> None:
+        it = kwargs.get("data_iterator", args[2] if len(args) > 2 else None)
+        rest = self.whole_batches - state.cfg.train.eval_iters
+        if it is None or rest <= 0 or state.cfg.dataset.dataloader_type != "batch":
+            return
+        for _ in range(rest):
+            next(it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +503,7 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     forward = CountingForwardStep()
     save_once = SaveOnce()
     save_once.install()
-    EvalOnce().install()
+    EvalOnce(bridge_recipe.validation_rows(cfg) // cfg.train.global_batch_size).install()
     try:
         pretrain(c, forward, callbacks=make_callbacks(cfg, out, forward, bridge, run_log, save_once))
     except BaseException:

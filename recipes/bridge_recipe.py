@@ -172,8 +172,9 @@ def validates(cfg: ExperimentConfig) -> bool:
 def eval_iters(cfg: ExperimentConfig) -> int:
     """Global batches per validation, NeMo's: ``train.limit_val_batches``, at most the whole global batches that
     validation.jsonl holds. The bridge's validation iterator is cyclic and goes on from where the last validation
-    stopped, so asked for more it would count rows twice; with exactly the whole file, every validation sees the
-    same rows as NeMo's (which starts at the first row each time). 0 where it cannot validate (:func:`validates`)."""
+    stopped, so asked for more it would count rows twice (``recipes.bridge_backend.EvalOnce`` reads past the rest
+    of a cycle, so each validation starts at the first row, as NeMo's). 0 where it cannot validate
+    (:func:`validates`)."""
     if not validates(cfg):
         return 0
     rows = validation_rows(cfg)

@@ -258,16 +258,22 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_validation_gives_the_nemo_backends_eval_loss(bridge_py, tiny, tmp_path):
-    """Validation after each of 2 steps, limit_val_batches=3 global batches of 2 rows on validation.jsonl's 5 rows:
-    NeMo evaluates the first two batches every time; the bridge is asked for two as well (its cyclic iterator would
-    otherwise count rows twice), so at lr 1e-9 (the base model: LoRA B starts at zero) both ``eval/loss`` values -
-    the mean over the micro-batches of their per-token mean - agree at each step, in TensorBoard and MLflow."""
+@pytest.mark.parametrize("limit", [3, 1])
+def test_validation_gives_the_nemo_backends_eval_loss(bridge_py, tiny, tmp_path, limit):
+    """Validation after each of 2 steps in global batches of 2 rows on validation.jsonl's 5 rows. limit 3: NeMo
+    evaluates the first two batches every time; the bridge is asked for two as well (its cyclic iterator would
+    otherwise count rows twice). limit 1: NeMo evaluates the first batch every time; the bridge's iterator is
+    moved past the rest of the file after each validation (else its second one reads rows 2-3). At lr 1e-9 (the
+    base model: LoRA B starts at zero) both ``eval/loss`` values - the mean over the micro-batches of their
+    per-token mean - agree at each step, in TensorBoard and MLflow."""
     from benchmarks.metrics import read_tensorboard
     from mlflow.tracking import MlflowClient
+
+    from benchmarks.tracking import tracking_uri
     assert len((tiny["data"] / "validation.jsonl").read_text().splitlines()) == 5
-    same = ("train.max_steps=2", "train.val_check_interval=1", "train.limit_val_batches=3", "train.micro_batch_size=1",
-            "train.global_batch_size=2", "optim.lr=1e-9", "optim.min_lr=0", "optim.warmup_steps=0")
+    same = ("train.max_steps=2", "train.val_check_interval=1", f"train.limit_val_batches={limit}",
+            "train.micro_batch_size=1", "train.global_batch_size=2", "optim.lr=1e-9", "optim.min_lr=0",
+            "optim.warmup_steps=0")
     _finetune("tiny_lora", tiny, tmp_path / "nemo", *same, backend="nemo")
     _finetune("tiny_lora", tiny, tmp_path / "bridge", *same, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
     nemo = read_tensorboard(tmp_path / "nemo" / "tb")["eval/loss"]
@@ -276,7 +282,7 @@ def test_validation_gives_the_nemo_backends_eval_loss(bridge_py, tiny, tmp_path)
     for (_, a), (_, b) in zip(nemo, bridge):
         assert b == pytest.approx(a, abs=2e-5), (nemo, bridge)
     info = json.loads((tmp_path / "bridge" / "mlflow_run.json").read_text())
-    hist = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_id"], "eval/loss")
+    hist = MlflowClient(tracking_uri(info["tracking_uri"])).get_metric_history(info["run_id"], "eval/loss")
     assert sorted((m.step, m.value) for m in hist) == [(s, pytest.approx(v, rel=1e-6)) for s, v in bridge]
 
 
