@@ -170,16 +170,15 @@ def validates(cfg: ExperimentConfig) -> bool:
 
 
 def eval_iters(cfg: ExperimentConfig) -> int:
-    """Global batches per validation, NeMo's: ``train.limit_val_batches``, at most the whole global batches that
-    validation.jsonl holds. The bridge's validation iterator is cyclic and goes on from where the last validation
+    """Global batches per validation, NeMo's (``TrainConfig.validation_batches``): ``train.limit_val_batches``, at
+    most the whole global batches that validation.jsonl holds. The bridge's validation iterator is cyclic and goes on from where the last validation
     stopped, so asked for more it would count rows twice (``recipes.bridge_backend.EvalOnce`` reads past the rest
     of a cycle, so each validation starts at the first row, as NeMo's). 0 where it cannot validate
     (:func:`validates`)."""
     if not validates(cfg):
         return 0
     rows = validation_rows(cfg)
-    limit = cfg.train.limit_val_batches
-    return min(limit, rows // cfg.train.global_batch_size) if rows else limit  # no file yet (a dry run): the limit
+    return cfg.train.validation_batches(rows) if rows else cfg.train.limit_val_batches  # no file yet: a dry run
 
 
 def peft_config(method: str, lora: LoraConfig):

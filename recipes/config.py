@@ -94,6 +94,12 @@ class TrainConfig:
     # timeout (recipes.nemo_recipe.strategy_config says why)
     collective_timeout_min: int = 30
 
+    def validation_batches(self, rows: int) -> int:
+        """Global batches a validation of a ``rows``-row validation split evaluates, in every backend: NeMo's -
+        ``limit_val_batches``, whole global batches only (its sequential validation sampler does not run an
+        incomplete one), so 0 with less than one."""
+        return min(self.limit_val_batches, rows // self.global_batch_size)
+
 
 @dataclass(frozen=True)
 class DataConfig:

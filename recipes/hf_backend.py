@@ -160,11 +160,9 @@ def load_split(path: Path, tokenizer, seq_length: int, required: bool = True) ->
 
 
 def validation_rows(cfg: ExperimentConfig, rows: list) -> list:
-    """The validation rows NeMo evaluates: the first ``train.limit_val_batches`` global batches, whole ones only
-    (its validation sampler is sequential from the first row at every validation, and a step that cannot fill
-    a global batch is not run). Empty when the split holds less than one global batch."""
-    gbs = cfg.train.global_batch_size
-    return rows[:min(cfg.train.limit_val_batches, len(rows) // gbs) * gbs]
+    """The validation rows NeMo evaluates, from the first at every validation: the first
+    ``TrainConfig.validation_batches`` global batches. Empty when the split holds less than one."""
+    return rows[:cfg.train.validation_batches(len(rows)) * cfg.train.global_batch_size]
 
 
 class PadCollator:
