@@ -29,6 +29,7 @@ from typing import Optional
 
 import families
 from recipes.config import ExperimentConfig, LoraConfig, OptimConfig, TrainConfig, check_runs_on_cpu
+from recipes.data import count_prepared
 from recipes.tokens import SFT_DATASET_KWARGS
 
 CHECKPOINT_SUBDIR = "bridge"  # checkpoints: <output_dir>/bridge/checkpoints/iter_0000010/
@@ -152,11 +153,7 @@ def dataset_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
 
 
 def validation_rows(cfg: ExperimentConfig) -> int:
-    path = Path(cfg.data.dataset_dir) / "validation.jsonl"
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+    return count_prepared(Path(cfg.data.dataset_dir) / "validation.jsonl")
 
 
 def validates(cfg: ExperimentConfig) -> bool:

@@ -457,3 +457,12 @@ def read_prepared(path: str | os.PathLike) -> list[dict]:
     """Records of one prepared split file (NeMo or hf/ form)."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def count_prepared(path: str | os.PathLike) -> int:
+    """Records (non-empty lines) of one prepared split file; 0 when it does not exist."""
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except FileNotFoundError:
+        return 0

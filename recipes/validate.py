@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from recipes.config import ConfigError, ExperimentConfig, load_config
+from recipes.data import count_prepared
 from recipes.memory import GIB, Architecture, Layout, MemoryEstimate, estimate, resolve_architecture, with_layout
 
 DEFAULT_GPU_MEMORY_GB = 80.0  # H100 SXM 80GB (GiB, as recipes.memory reports)
@@ -141,9 +142,26 @@ def check(cfg: ExperimentConfig, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -
         raise ConfigError(f"config {cfg.name!r}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
 
+def validation_warning(cfg: ExperimentConfig) -> list[str]:
+    """What validation covers of a prepared ``validation.jsonl`` (every backend evaluates the first
+    ``TrainConfig.validation_batches`` whole global batches): nothing, or not every row."""
+    t = cfg.train
+    path = Path(cfg.data.dataset_dir) / "validation.jsonl"
+    rows = count_prepared(path)
+    if not rows or not t.limit_val_batches:
+        return []
+    batches = t.validation_batches(rows)
+    if batches == 0:
+        return [f"{path}: {rows} rows, less than one global batch ({t.global_batch_size}): no backend validates"]
+    if rows > batches * t.global_batch_size:
+        return [f"{path}: validation covers {batches * t.global_batch_size} of its {rows} rows ({batches} global "
+                f"batch(es) of {t.global_batch_size}, train.limit_val_batches={t.limit_val_batches}; whole batches only)"]
+    return []
+
+
 def warnings(cfg: ExperimentConfig) -> list[str]:
     """Legal settings worth knowing about before a long run."""
-    out: list[str] = []
+    out: list[str] = validation_warning(cfg)
     p = cfg.parallel
     try:
         arch, _ = resolve_architecture(cfg)

@@ -141,3 +141,18 @@ def test_command_prints_the_table_and_sets_the_exit_status(capsys):
     assert rc == 1 and "needs tensor_model_parallel_size > 1" in capsys.readouterr().out
     rc = main([str(ROOT / "nemo_configs/swallow_8b_lora.yaml"), "train.global_batch_size=30"])
     assert rc == 2 and "global_batch_size=30" in capsys.readouterr().err
+
+
+def test_validation_coverage_of_the_prepared_split_is_noted(tmp_path):
+    """Every backend validates the first limit_val_batches whole global batches: a split with rows beyond them,
+    or with less than one batch, is a note naming the file and the numbers."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "validation.jsonl").write_text("{}\n" * 70)
+    notes = warnings(cfg_of("swallow_8b_lora", f"data.dataset_dir={data}"))  # global batch 32, limit 16
+    assert any("validation covers 64 of its 70 rows (2 global batch(es) of 32" in w for w in notes), notes
+    (data / "validation.jsonl").write_text("{}\n" * 64)
+    assert not any("validation.jsonl" in w for w in warnings(cfg_of("swallow_8b_lora", f"data.dataset_dir={data}")))
+    (data / "validation.jsonl").write_text("{}\n" * 5)
+    notes = warnings(cfg_of("swallow_8b_lora", f"data.dataset_dir={data}"))
+    assert any("5 rows, less than one global batch (32): no backend validates" in w for w in notes), notes
