@@ -19,7 +19,7 @@ What the report shows, per backend, over the steps after the first ``train.warmu
   no MFU on a CPU);
 - GPU utilisation and memory (CPU % and RSS without a GPU) over time, the training window shaded,
   and their means over the measured steps; torch.cuda peak allocated/reserved per step;
-- loss curves overlaid; the published anchors (shared/reference/perf-anchors.md) beside our
+- loss curves overlaid, and each run's last ``eval/loss`` (its TensorBoard files); the published anchors (shared/reference/perf-anchors.md) beside our
   figures, with their conditions.
 HF is drawn orange and NeMo green, as in the user's plots. CPU runs are labelled CPU everywhere.
 """
@@ -200,6 +200,17 @@ def hardware_of(runs: list[Run]) -> dict:
             "source": "assumed: the machine writing this report (the runs recorded no hardware)"}
 
 
+def last_eval_loss(run: Run) -> Optional[tuple[int, float]]:
+    """(step, value) of the run's last ``eval/loss`` in its TensorBoard files (every backend logs it at each
+    validation, with one definition), or None: no event files, or no validation."""
+    from benchmarks.metrics import TB_DIR, read_tensorboard
+    try:
+        events = read_tensorboard(run.path / TB_DIR).get("eval/loss")
+    except (FileNotFoundError, ImportError):
+        return None
+    return (int(events[-1][0]), float(events[-1][1])) if events else None
+
+
 def run_stats(run: Run, warmup: int, fm: Optional[FlopsModel], peak: Optional[tuple[float, str]],
               devices: int) -> dict:
     """Step-time statistics, throughput, FLOPs and resources of one run over its measured steps.
@@ -230,7 +241,8 @@ def run_stats(run: Run, warmup: int, fm: Optional[FlopsModel], peak: Optional[tu
          "tokens_per_step": tokens / steps, "tokens_padded_per_step": padded / steps,
          "mean_seq_len": sum(r["tokens"] for r in kept) / samples if samples else None,
          "tokens_per_s_per_device": tokens / wall / devices, "padded_tokens_per_s_per_device": padded / wall / devices,
-         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+         "last_eval_loss": last_eval_loss(run)}
     if fm is not None:
         flops = scale * sum(fm.step_flops(r["tokens"], r["samples"]) for r in kept)
         s["model_tflops_per_device"] = flops / wall / devices / 1e12
@@ -584,8 +596,15 @@ def render_markdown(summary: dict, plots: list[str], diff_notes: list[str], run_
         used = [s["resources"].get("gpus_used_how") for s in summary["runs"] if s["resources"].get("gpus_used_how")]
         if used and not cpu:
             L.append(f"\nGPU averages over: {used[0]}.")
-    L += ["", "## Loss", "", "![loss](loss.png)", "", "| backend | first loss | last loss |", "|---|---|---|"]
-    L += [f"| {s['backend']} | {_f(s['first_loss'])} | {_f(s['last_loss'])} |" for s in summary["runs"]]
+    L += ["", "## Loss", "", "![loss](loss.png)", "",
+          "| backend | first loss | last loss | last eval/loss (step) |", "|---|---|---|---|"]
+    for s in summary["runs"]:
+        ev = s.get("last_eval_loss")
+        L.append(f"| {s['backend']} | {_f(s['first_loss'])} | {_f(s['last_loss'])} | "
+                 f"{f'{_f(ev[1])} ({ev[0]})' if ev else '–'} |")
+    L += ["", "`eval/loss`: the mean over the validation's micro-batches of their per-token mean, the same rows in "
+          "every backend (README, Environment notes); – where the run did not validate or wrote no TensorBoard "
+          "files."]
     L += ["", "## FLOPs per token", ""]
     fm, p = summary["flops"], summary["params"]
     if fm:

@@ -2,6 +2,7 @@
 statistics recomputed here independently, FLOP counts checked by hand on the tiny config, the GPU path
 with a fake NVML, and runs without samples (as the demo writes them)."""
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -162,6 +163,23 @@ def test_report_from_recorded_runs(runs, tmp_path):
     assert "35 % better" not in text  # the SFT anchor does not sit beside a LoRA run
     assert "**156,160**" in text and "N_lora = 15,616" in text
     assert "sampler CPU" in text and "CPU % mean" in text
+
+
+def test_the_last_validation_loss_of_each_run_is_in_the_loss_table(runs, tmp_path):
+    """eval/loss from each run's TensorBoard files (as every backend writes it), the last validation's; a run
+    without event files shows a dash."""
+    from torch.utils.tensorboard import SummaryWriter
+    w = SummaryWriter(str(runs["hf"] / "tb"))
+    for step, v in ((3, 6.5), (6, 6.25)):
+        w.add_scalar("eval/loss", v, step)
+    w.close()
+    build_report([runs["nemo"], runs["hf"]], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    got = {s["backend"]: s["last_eval_loss"] for s in summary["runs"]}
+    assert got == {"hf": [6, 6.25], "nemo": None}
+    text = (tmp_path / "report.md").read_text()
+    assert "| last eval/loss (step) |" in text and " | 6.250 (6) |" in text
+    assert re.search(r"^\| nemo \| [\d.]+ \| [\d.]+ \| – \|$", text, re.M), text
 
 
 def test_warmup_override(runs, tmp_path):
