@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +61,29 @@ def token_mean_loss_over_the_global_batch(trainer) -> bool:
         return out
     trainer.compute_loss_func = loss
     return True
+
+
+@contextmanager
+def cpu_load_location(device):
+    """Resuming on CPU with several processes (torchrun, gloo): transformers 4.47 loads the optimizer state with
+    ``map_location=args.device``, ``torch.device("cpu", 0)`` there, which torch.load refuses ("don't know how to
+    restore data location of torch.storage.UntypedStorage (tagged with cpu:0)", seen). Inside this block
+    torch.load reads such a location as plain ``cpu``. Nothing changes on a GPU (``cuda:N``) or in one process."""
+    import torch
+    if device is None or device.type != "cpu" or device.index is None:
+        yield
+        return
+    load = torch.load
+
+    def cpu_load(*args, **kwargs):
+        if kwargs.get("map_location") == device:
+            kwargs["map_location"] = "cpu"
+        return load(*args, **kwargs)
+    torch.load = cpu_load
+    try:
+        yield
+    finally:
+        torch.load = load
 
 
 def hf_lora_targets(targets, family: str) -> list[str]:
@@ -317,6 +341,10 @@ class HFRecipe:
                     rec = timer.end(self.state.global_step, logs["loss"], step_clock.lr, logs.get("grad_norm"))
                     logs = {**logs, **tracked_scalars(rec)}
                 return super().log(logs, *args, **kwargs)
+
+            def _load_optimizer_and_scheduler(self, checkpoint):
+                with cpu_load_location(self.args.device):
+                    return super()._load_optimizer_and_scheduler(checkpoint)
 
         from benchmarks import tracking
         callbacks = [step_clock]

@@ -103,6 +103,30 @@ def test_hf_data_parallel_matches_one_process(one_hf, inputs, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_hf_data_parallel_run_resumes_after_a_kill(one_hf, inputs, tmp_path_factory):
+    """HF, two processes, 8 steps, a Trainer checkpoint every 4: killed once step 6 is logged, the same torchrun
+    command resumes from checkpoint-4 (on CPU through hf_backend.cpu_load_location: transformers maps the
+    optimizer state to cpu:0, which torch.load refuses) and steps 5-8 equal an uninterrupted two-process run's."""
+    from run_checks import kill_when_step
+    ckpt = ("train.checkpoint_every_n_steps=4",)
+    full = _finetune("hf", tmp_path_factory.mktemp("hf_dp_full") / "run", inputs, nproc=2, steps=8, extra=ckpt)
+    out = tmp_path_factory.mktemp("hf_dp_kill") / "run"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "recipes.finetune",
+            "--config", str(CONFIG), "--backend", "hf", "--output", str(out), f"model.hf_path={inputs / 'model'}",
+            f"data.dataset_dir={inputs / 'data'}", "train.max_steps=8", "train.num_devices=2", *COMMON, *ckpt]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = kill_when_step(proc, out / "metrics.jsonl", 6)
+    assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
+    resumed = _finetune("hf", out, inputs, nproc=2, steps=8, extra=ckpt)
+    assert [r["step"] for r in resumed] == list(range(1, 9)) and resumed[:4] == killed[:4]
+    for a, b in zip(full, resumed):
+        assert (a["tokens"], a["loss_tokens"], a["lr"]) == (b["tokens"], b["loss_tokens"], b["lr"]), a["step"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.slow
 def test_a_data_parallel_checkpoint_continues_in_one_process(one_nemo, inputs, tmp_path_factory):
     """Steps 5-6 from the DP=2 run's step-4 checkpoint equal steps 5-6 from the single-process checkpoint."""
     dp = tmp_path_factory.mktemp("nemo_dp_resume") / "run"
