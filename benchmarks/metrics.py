@@ -96,6 +96,19 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def all_reduce_sum(values: list, dtype, group=None) -> list:
+    """``values`` summed over the ranks of ``group`` (the default group when None) with one all_reduce, as a
+    list of Python numbers; a collective, so every rank of the group calls it. The tensor lives where the
+    group's backend can reduce it: the current CUDA device for NCCL, the CPU otherwise (gloo)."""
+    import torch
+    import torch.distributed as dist
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
+    t = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
 class StepTimer:
     """Times optimizer steps and appends one :class:`StepRecord` per step to ``metrics.jsonl``.
 
@@ -152,12 +165,9 @@ class StepTimer:
             return
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.count_group) == 1:
             return
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend(self.count_group) == "nccl" else torch.device("cpu"))
-        t = torch.tensor([self.tokens, self.tokens_padded, self.loss_tokens, self.samples], dtype=torch.int64,
-                         device=device)
-        dist.all_reduce(t, group=self.count_group)
-        self.tokens, self.tokens_padded, self.loss_tokens, self.samples = (int(v) for v in t.tolist())
+        summed = all_reduce_sum([self.tokens, self.tokens_padded, self.loss_tokens, self.samples], torch.int64,
+                                group=self.count_group)
+        self.tokens, self.tokens_padded, self.loss_tokens, self.samples = (int(v) for v in summed)
 
     def end(self, step: int, loss: Optional[float], lr: Optional[float],
             grad_norm: Optional[float] = None) -> StepRecord:

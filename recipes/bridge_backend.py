@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import families  # noqa: E402
-from benchmarks.metrics import StepTimer, global_rank, tracked_scalars  # noqa: E402
+from benchmarks.metrics import StepTimer, all_reduce_sum, global_rank, tracked_scalars  # noqa: E402
 from recipes import bridge_recipe  # noqa: E402
 from recipes.bridge_shim import prepare_process  # noqa: E402
 from recipes.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -177,10 +177,8 @@ def mean_over_ranks(values: list[float]) -> Optional[float]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         import torch
-        t = torch.tensor([total, float(n)], dtype=torch.float64,
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-        total, n = float(t[0]), int(t[1])
+        total, n = all_reduce_sum([total, float(n)], torch.float64)
+        n = int(n)
     return total / n if n else None
 
 

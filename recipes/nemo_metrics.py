@@ -6,7 +6,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from benchmarks.metrics import StepTimer, tracked_scalars
+from benchmarks.metrics import StepTimer, all_reduce_sum, tracked_scalars
 from recipes.tokens import sft_batch_counts as micro_batch_counts  # noqa: F401 - the name the tests use
 
 
@@ -117,12 +117,8 @@ class MetricsCallback(Callback):
         from megatron.core import parallel_state
         if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
             import torch
-            import torch.distributed as dist
             # only the last pipeline stage computes the loss (the others report 0): sum over the stages
-            t = torch.tensor([loss], dtype=torch.float64,
-                             device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
-            loss = float(t.item())
+            loss, = all_reduce_sum([loss], torch.float64, group=parallel_state.get_pipeline_model_parallel_group())
         for logger in trainer.loggers:  # rank 0 only
             logger.log_metrics({"eval/loss": loss}, step=trainer.global_step)
 

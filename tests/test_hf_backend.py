@@ -201,6 +201,36 @@ def test_a_resumed_timer_keeps_the_steps_up_to_its_checkpoint(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def _two_rank_step(rank, init_file, out_dir):
+    import torch
+    import torch.distributed as dist
+    from benchmarks.metrics import all_reduce_sum
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        t = StepTimer(out_dir, backend="hf")  # only global rank 0 writes metrics.jsonl
+        t.begin()
+        t.add_batch(tokens=10 + rank, tokens_padded=16, loss_tokens=3 + rank, samples=1)
+        rec = t.end(1, 1.0, 1e-3)
+        t.close()
+        sums = all_reduce_sum([0.25 * (rank + 1), 2.0], torch.float64)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"counts": [rec.tokens, rec.tokens_padded, rec.loss_tokens, rec.samples], "sums": sums}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_counts_and_sums_are_over_every_rank(tmp_path):
+    """Two gloo processes: each rank's step record counts both ranks' micro-batches (rank 0's is the one
+    written), and all_reduce_sum gives every rank the same sums."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_two_rank_step, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork")
+    rec, = read_metrics(tmp_path)
+    assert (rec["tokens"], rec["tokens_padded"], rec["loss_tokens"], rec["samples"]) == (21, 32, 7, 2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"counts": [21, 32, 7, 2], "sums": [0.75, 4.0]}
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
     """LoRA, 8 steps, a Trainer checkpoint every 4. Killed once step 6 is logged, the same command resumes from
