@@ -13,7 +13,8 @@ from recipes.config import ConfigError, ExperimentConfig
 
 
 def ensure_inputs(cfg: ExperimentConfig) -> None:
-    """Build the preset model and prepare the data if they are not there yet."""
+    """Build the preset model and prepare the data if they are not there yet. Safe to call from several
+    processes at once (every rank of a torchrun launch does): each may build, the first to finish wins."""
     from recipes.models import ensure_model
     ensure_model(cfg.model)
     data_dir = Path(cfg.data.dataset_dir)
@@ -21,5 +22,11 @@ def ensure_inputs(cfg: ExperimentConfig) -> None:
         if not cfg.data.source:
             raise ConfigError(f"data.dataset_dir={data_dir} has no training.jsonl and data.source is not set")
         from recipes.data import prepare
-        prepare(cfg.data.source, data_dir, cfg.model.hf_path, seq_length=cfg.train.seq_length,
-                test_months=cfg.data.test_months, val_months=cfg.data.val_months)
+        try:
+            prepare(cfg.data.source, data_dir, cfg.model.hf_path, seq_length=cfg.train.seq_length,
+                    test_months=cfg.data.test_months, val_months=cfg.data.val_months)
+        except OSError:
+            # every rank of a torchrun launch gets here at once: the first output to land is the one all use
+            # (the others' renames fail: FileExistsError, or ENOTEMPTY); same input, same output
+            if not (data_dir / "training.jsonl").is_file():
+                raise

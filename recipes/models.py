@@ -404,7 +404,7 @@ def ensure_model(model_cfg) -> Path:
         if model_cfg.preset == "tiny":
             return build_tiny(path, family=model_cfg.family)
         return builders[model_cfg.preset](path)
-    except FileExistsError:
+    except OSError:  # FileExistsError, or ENOTEMPTY from the final rename
         if (path / "config.json").is_file():  # another process built it meanwhile
             return path
         raise

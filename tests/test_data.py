@@ -409,3 +409,36 @@ def test_demo_set_fits_smollm2_at_seq_length_512(small_model_dir, tmp_path):
     stats = prepare(root / "datasets" / "demo_pairs.jsonl", tmp_path / "out", small_model_dir, seq_length=512)
     assert sum(stats["truncated"].values()) == 0
     assert max(v["tokens"]["max"] for v in stats["lengths"].values()) <= 512
+
+
+def _ensure_inputs_after(barrier, cfg, results):
+    from recipes.inputs import ensure_inputs
+    barrier.wait()
+    try:
+        ensure_inputs(cfg)
+        results.put("ok")
+    except Exception as e:  # reported to the test
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_ranks_that_start_together_all_get_the_inputs(tmp_path):
+    """torchrun starts every rank of ``recipes.finetune`` at once, each making sure the model and prepared data
+    are there: when none is yet, one rank's output lands and the others use it instead of failing with
+    FileExistsError (or ENOTEMPTY from the rename)."""
+    import multiprocessing as mp
+    from recipes.config import load_config
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "nemo_configs/tiny_lora.yaml",
+                      [f"model.hf_path={tmp_path / 'model'}", "model.preset=tiny", f"data.dataset_dir={tmp_path / 'prepared'}",
+                       f"data.source={root / 'datasets/demo_pairs.jsonl'}"])
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_ensure_inputs_after, args=(barrier, cfg, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    assert got == ["ok"] * 3
+    assert read_prepared(tmp_path / "prepared" / "training.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "prepared"]  # no temp dirs left
