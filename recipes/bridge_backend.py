@@ -39,7 +39,7 @@ from benchmarks.metrics import StepTimer, all_reduce_sum, global_rank, tracked_s
 from recipes import bridge_recipe  # noqa: E402
 from recipes.bridge_shim import prepare_process  # noqa: E402
 from recipes.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from recipes.fileio import write_text_atomic  # noqa: E402
+from recipes.fileio import made_by_rank_zero, write_text_atomic  # noqa: E402
 from recipes.tokens import sft_batch_counts  # noqa: E402
 
 IMPORT_MARKER = "bridge_import.json"  # written last into a finished base checkpoint
@@ -124,15 +124,13 @@ def ensure_base(hf_path: str | Path) -> Path:
     base = bridge_recipe.default_base_path(hf_path)
     if import_is_complete(hf_path, base):
         return base
-    if global_rank() == 0:
+
+    def make() -> None:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         subprocess.run([sys.executable, "-m", "recipes.bridge_backend", "import", str(hf_path)], check=True, env=env)
-    deadline = time.monotonic() + 3600
-    while not import_is_complete(hf_path, base):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base}: the base checkpoint did not appear within an hour")
-        time.sleep(1)
+    made_by_rank_zero(make, lambda: import_is_complete(hf_path, base), f"{base} (the base checkpoint)",
+                      rank=global_rank())
     return base
 
 

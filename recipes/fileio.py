@@ -13,7 +13,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -30,6 +30,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def made_by_rank_zero(make: Callable[[], object], done: Callable[[], bool], what: str, rank: int,
+                      timeout_s: float = 3600.0, poll_s: float = 1.0) -> None:
+    """One output shared by every process of a launch (torchrun's ranks, on one file system): global rank 0
+    runs ``make()``; every other rank waits until ``done()`` says the output is complete (it must be written so
+    that it appears whole, as :func:`atomic_dir` does). Rather than each rank building its own copy at once
+    (a model import N times over, each replacing the others'). Raises TimeoutError naming ``what`` when it is
+    not done within ``timeout_s`` (a failing rank 0 ends the launch sooner: torchrun stops every rank)."""
+    if rank == 0:
+        make()
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not made by rank 0 within {timeout_s:g} s (rank {rank} waited for it)")
+        time.sleep(poll_s)
 
 
 def write_json_atomic(path: str | Path, obj, indent: int = 1) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import families
 from convert.nemo_ckpt import read_dist_tensors
-from recipes.fileio import atomic_dir
+from benchmarks.metrics import global_rank
+from recipes.fileio import atomic_dir, made_by_rank_zero
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -95,7 +96,8 @@ def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: 
     patch is what keeps the norm weights. ``family`` (``model.family``), when given, must be the
     family config.json names.
     Skipped when ``nemo_path`` (default :func:`default_nemo_path`) already holds a complete import of
-    the same source files by the same importer. Otherwise the import is written through
+    the same source files by the same importer. With several processes (torchrun's RANK), rank 0 imports and
+    the others wait for it (:func:`recipes.fileio.made_by_rank_zero`). Otherwise the import is written through
     :func:`recipes.fileio.atomic_dir` (a temp dir beside it), checked (the layer-norm weights must be
     the HF ones, see :func:`check_imported_norms`), marked complete and renamed into place.
     ``check_norms=False`` skips that check (only for demonstrating what the logits check catches).
@@ -107,6 +109,14 @@ def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: 
     dest = Path(nemo_path).absolute() if nemo_path else default_nemo_path(hf_path)
     if import_is_complete(hf_path, dest, importer):
         return dest
+    # every rank of a torchrun launch gets here: rank 0 imports, the others wait for it to land
+    made_by_rank_zero(lambda: _import(hf_path, dest, fam, hf, importer, check_norms),
+                      lambda: import_is_complete(hf_path, dest, importer), f"{dest} (the NeMo import of {hf_path})",
+                      rank=global_rank())
+    return dest
+
+
+def _import(hf_path: Path, dest: Path, fam, hf: dict, importer: str, check_norms: bool) -> None:
     with atomic_dir(dest, overwrite=True, inputs=(hf_path,)) as tmp:
         # both importers write a new directory (NeMo's skips an existing one): start from none
         tmp.rmdir()
@@ -124,7 +134,6 @@ def import_hf(hf_path: str | Path, nemo_path: str | Path | None = None, family: 
         info = {"source": str(hf_path), "family": fam.name, "model_type": hf.get("model_type"), "importer": importer,
                 "source_files": _source_fingerprint(hf_path), "seconds": seconds, "norm_check": norms}
         (tmp / IMPORT_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return dest
 
 
 def check_imported_norms(hf_path: str | Path, nemo_path: str | Path) -> dict:

@@ -362,6 +362,45 @@ def test_default_nemo_path_and_incomplete_imports(tmp_path):
     assert not ni.import_is_complete(tmp_path / "m", tmp_path / "m-nemo")  # no context/, no marker
 
 
+def test_ranks_other_than_zero_wait_for_rank_zeros_import(tiny_model_dir, tmp_path, monkeypatch):
+    """torchrun's ranks all call import_hf: rank 1 writes nothing and returns once rank 0's import has landed (not
+    N imports at once, each replacing the last while another rank may be reading it)."""
+    import functools
+    import shutil
+    import threading
+    from recipes import fileio
+    hf = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    dest = ni.default_nemo_path(hf)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(ni, "made_by_rank_zero", functools.partial(fileio.made_by_rank_zero, timeout_s=0.5,
+                                                                     poll_s=0.05))
+    with pytest.raises(TimeoutError, match=f"{dest}.*not made by rank 0 within 0.5 s"):
+        ni.import_hf(hf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # rank 1 wrote nothing
+    fam, config = ni.family_of(hf)
+    rank0 = threading.Timer(0.2, ni._import, args=(hf, dest, fam, config, "convert", True))
+    monkeypatch.setattr(ni, "made_by_rank_zero", functools.partial(fileio.made_by_rank_zero, timeout_s=120,
+                                                                     poll_s=0.05))
+    rank0.start()
+    try:
+        assert ni.import_hf(hf) == dest  # waited for it
+    finally:
+        rank0.join()
+    assert ni.import_is_complete(hf, dest)
+
+
+def test_made_by_rank_zero_makes_once_and_waits_elsewhere(tmp_path):
+    from recipes.fileio import made_by_rank_zero
+    made = []
+    done = lambda: bool(made)  # noqa: E731
+    made_by_rank_zero(lambda: made.append(1), done, "x", rank=0)
+    made_by_rank_zero(lambda: made.append(2), done, "x", rank=3)  # done already: rank 3 neither makes nor waits
+    assert made == [1]
+    with pytest.raises(TimeoutError, match=r"^thing: not made by rank 0 within 0.1 s \(rank 2 waited for it\)"):
+        made_by_rank_zero(lambda: made.append(3), lambda: False, "thing", rank=2, timeout_s=0.1, poll_s=0.02)
+    assert made == [1]
+
+
 @pytest.mark.slow
 def test_import_keeps_norms_and_logits_match_hf(tiny, imported):
     import torch
