@@ -75,9 +75,15 @@ def assert_same_steps(one: list[dict], many: list[dict], loss_tol: float) -> Non
 
 @pytest.mark.slow
 def test_nemo_data_parallel_matches_one_process(one_nemo, inputs, tmp_path_factory):
-    many = _finetune("nemo", tmp_path_factory.mktemp("nemo_dp") / "run", inputs, nproc=2)
+    """With the inputs not made yet (a copy of the model, no NeMo import, no prepared data): the ranks make them
+    once between them (recipes.inputs.ensure_inputs, recipes.fileio.made_by_rank_zero)."""
+    import shutil
+    fresh = tmp_path_factory.mktemp("nemo_dp")
+    shutil.copytree(inputs / "model", fresh / "model")
+    many = _finetune("nemo", fresh / "run", fresh, nproc=2)
     assert_same_steps(one_nemo[1], many, loss_tol=1e-5)
     assert all(r["samples"] == 8 for r in many)
+    assert sorted(p.name for p in fresh.iterdir()) == ["data", "model", "model-nemo", "run"]  # no temp dirs left
 
 
 @pytest.mark.slow
