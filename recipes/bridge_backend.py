@@ -58,13 +58,31 @@ def _source_fingerprint(hf_path: Path) -> str:
     return h.hexdigest()
 
 
+def library_versions() -> dict[str, str]:
+    """The Megatron-Bridge and megatron-core versions of this environment; empty without Megatron-Bridge (the
+    main venv, which looks for a base checkpoint before a launch, has NeMo 2.1's megatron-core, not the bridge's:
+    there only the source files are compared, and the bridge's own processes compare the versions)."""
+    from importlib import metadata
+    try:
+        return {"megatron-bridge": metadata.version("megatron-bridge"),
+                "megatron-core": metadata.version("megatron-core")}
+    except metadata.PackageNotFoundError:
+        return {}
+
+
 def import_is_complete(hf_path: str | Path, base: str | Path) -> bool:
+    """Whether ``base`` holds a finished import of ``hf_path``'s files as they are now, written by the Megatron-Bridge
+    and megatron-core of this environment: another version's checkpoint is imported again, since it may not load
+    (seen: megatron-core 0.16 refused 0.19's with "Common file .../iter_0000000/common.pt does not exist")."""
     marker = Path(base) / IMPORT_MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text())["source"] == _source_fingerprint(Path(hf_path).absolute())
-    except (ValueError, KeyError):
+        info = json.loads(marker.read_text())
+        written_by = info.get("versions", {})
+        return (info["source"] == _source_fingerprint(Path(hf_path).absolute())
+                and all(written_by.get(k) == v for k, v in library_versions().items()))
+    except (ValueError, KeyError, AttributeError):
         return False
 
 
@@ -109,6 +127,7 @@ def import_base(hf_path: str | Path, base: Optional[str | Path] = None, overwrit
     shutil.rmtree(tmp, ignore_errors=True)
     bridge.save_megatron_model(models, str(tmp), hf_tokenizer_path=str(hf))
     write_text_atomic(tmp / IMPORT_MARKER, json.dumps({"source": _source_fingerprint(hf), "hf_path": str(hf),
+                                                       "versions": library_versions(),
                                                        "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
     if base.exists():
         shutil.rmtree(base)

@@ -176,6 +176,33 @@ def test_validation_batches_are_nemos_whole_ones(tmp_path):
     assert iters(21, 16) == 2 and iters(21, 1) == 1 and iters(7, 16) == 0  # global batch 8
 
 
+def test_a_base_checkpoint_of_other_bridge_versions_is_imported_again(tmp_path, monkeypatch):
+    """The cached base checkpoint counts only for the Megatron-Bridge / megatron-core that wrote it (megatron-core
+    0.16 cannot load 0.19's); where the bridge is not installed (the main venv) only the source files count."""
+    from recipes import bridge_backend as bb
+    hf, base = tmp_path / "m", tmp_path / "m-megatron"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    base.mkdir()
+    ours = {"megatron-bridge": "0.3.0", "megatron-core": "0.16.0"}
+
+    def marker(**info):
+        (base / bb.IMPORT_MARKER).write_text(json.dumps({"source": bb._source_fingerprint(hf), **info}))
+
+    marker(versions=ours)
+    for versions, complete in ((ours, True), ({"megatron-bridge": "0.6.2", "megatron-core": "0.19.2"}, False),
+                               ({**ours, "megatron-core": "0.16.1"}, False), ({}, True)):
+        monkeypatch.setattr(bb, "library_versions", lambda: versions)
+        assert bb.import_is_complete(hf, base) is complete, versions
+    marker()  # written before the versions were recorded
+    monkeypatch.setattr(bb, "library_versions", lambda: ours)
+    assert not bb.import_is_complete(hf, base)
+    (hf / "config.json").write_text('{"changed": 1}')  # the source changed
+    marker(versions=ours)
+    (hf / "config.json").write_text('{"changed": 22}')
+    assert not bb.import_is_complete(hf, base)
+
+
 def test_missing_bridge_environment_is_a_clear_error(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "recipes.finetune", "--config", str(ROOT / "nemo_configs/tiny_lora.yaml"),
                         "--backend", "bridge", "--output", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
@@ -204,7 +231,7 @@ def _saved_steps(log: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_lora_run_metrics_tensorboard_and_adapter(lora_run, tiny, tmp_path):
+def test_lora_run_metrics_tensorboard_and_adapter(lora_run, bridge_py, tiny, tmp_path):
     recs = read_metrics(lora_run)
     assert [r["step"] for r in recs] == list(range(1, 9))
     for r in recs:
@@ -217,6 +244,10 @@ def test_lora_run_metrics_tensorboard_and_adapter(lora_run, tiny, tmp_path):
     # every 4 steps, the last one once (the bridge's pretrain() saves again after training: recipes.bridge_backend.SaveOnce)
     assert _saved_steps((lora_run.parent / "finetune.log").read_text()) == [4, 8]
     assert (lora_run / "resolved_config.yaml").is_file() and (lora_run / "bridge_config.yaml").is_file()
+    written_by = json.loads((Path(f"{tiny['model']}-megatron") / "bridge_import.json").read_text())["versions"]
+    assert written_by == _py(bridge_py, "import json; from recipes.bridge_backend import library_versions; "
+                                        "print(json.dumps(library_versions()))")
+    assert written_by["megatron-bridge"] and written_by["megatron-core"]
     adapter = lora_run / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
