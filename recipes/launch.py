@@ -564,15 +564,13 @@ def _bridge_child_env() -> dict[str, str]:
 
 def ensure_bridge_base(cfg: ExperimentConfig, py: Path) -> Path:
     """The bridge's base checkpoint (``<hf_path>-megatron``) made here before the launch, by
-    ``<bridge python> -m recipes.bridge_backend import HF_DIR`` (cached), so the ranks only read it."""
+    ``<bridge python> -m recipes.bridge_backend import HF_DIR``, so the ranks only read it. Always asked of the
+    bridge's python (about a second when cached): only there does the cache check see the bridge's versions."""
     import subprocess
-    from recipes.bridge_backend import import_is_complete
     from recipes.bridge_recipe import default_base_path
-    base = default_base_path(cfg.model.hf_path)
-    if not import_is_complete(cfg.model.hf_path, base):
-        subprocess.run([str(py), "-m", BRIDGE_MODULE, "import", str(Path(cfg.model.hf_path).absolute())],
-                       check=True, cwd=PROJECT_ROOT, env=_bridge_child_env())
-    return base
+    subprocess.run([str(py), "-m", BRIDGE_MODULE, "import", str(Path(cfg.model.hf_path).absolute())],
+                   check=True, cwd=PROJECT_ROOT, env=_bridge_child_env())
+    return default_base_path(cfg.model.hf_path)
 
 
 def _bridge_paths(cfg: ExperimentConfig, config: str | Path) -> list[str]:
