@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -42,9 +43,14 @@ def made_by_rank_zero(make: Callable[[], object], done: Callable[[], bool], what
     if rank == 0:
         make()
     deadline = time.monotonic() + timeout_s
+    said = False
     while not done():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not made by rank 0 within {timeout_s:g} s (rank {rank} waited for it)")
+            raise TimeoutError(f"{what}: not made by rank 0 within {timeout_s:g} s (rank {rank} waited for it; "
+                               "every rank must see the same file system)")
+        if not said:
+            print(f"rank {rank}: waiting for rank 0 to make {what}", file=sys.stderr, flush=True)
+            said = True
         time.sleep(poll_s)
 
 

@@ -389,16 +389,17 @@ def test_ranks_other_than_zero_wait_for_rank_zeros_import(tiny_model_dir, tmp_pa
     assert ni.import_is_complete(hf, dest)
 
 
-def test_made_by_rank_zero_makes_once_and_waits_elsewhere(tmp_path):
+def test_made_by_rank_zero_makes_once_and_waits_elsewhere(capsys):
     from recipes.fileio import made_by_rank_zero
     made = []
     done = lambda: bool(made)  # noqa: E731
     made_by_rank_zero(lambda: made.append(1), done, "x", rank=0)
     made_by_rank_zero(lambda: made.append(2), done, "x", rank=3)  # done already: rank 3 neither makes nor waits
     assert made == [1]
-    with pytest.raises(TimeoutError, match=r"^thing: not made by rank 0 within 0.1 s \(rank 2 waited for it\)"):
+    with pytest.raises(TimeoutError, match=r"^thing: not made by rank 0 within 0.1 s \(rank 2 waited for it; "):
         made_by_rank_zero(lambda: made.append(3), lambda: False, "thing", rank=2, timeout_s=0.1, poll_s=0.02)
     assert made == [1]
+    assert capsys.readouterr().err == "rank 2: waiting for rank 0 to make thing\n"  # said once
 
 
 @pytest.mark.slow
