@@ -2,7 +2,8 @@
 hyperparameters as the NeMo backend.
 
 What it does, in order (``HFRecipe.setup/train/cleanup``):
-- loads the model (fp32 weights) and tokenizer from ``cfg.model.hf_path``; pad must differ from EOS
+- loads the model (fp32 weights; LoRA under bf16-mixed: a bf16 frozen base, :func:`weights_dtype`) and the
+  tokenizer from ``cfg.model.hf_path``; pad must differ from EOS
   (pad == eos masks the real end token, and a fine-tune that never learned to stop never stops);
 - tokenises the prepared NeMo-format ``training.jsonl``/``validation.jsonl`` with
   :func:`recipes.tokens.tokenize_pair`, i.e. exactly the token ids NeMo's GPTSFTDataset builds:
@@ -164,6 +165,19 @@ def training_arguments(cfg: ExperimentConfig, output_dir: str | Path, use_cpu: b
     )
 
 
+def weights_dtype(cfg: ExperimentConfig):
+    """The dtype the model's weights are loaded in. LoRA under bf16-mixed: bf16, the frozen base as the NeMo and
+    bridge backends hold it (Megatron's bf16 parameters; the residual stream is bf16 too), with the adapters in
+    fp32 (peft's ``autocast_adapter_dtype``) and the matmuls under ``torch.autocast``. In fp32 the frozen base
+    would take twice the memory and be cast to bf16 again in every forward pass, which the speed and memory
+    comparison would count against HF. Otherwise fp32: full SFT's weights are its master copy, run in bf16 by
+    autocast (Megatron keeps an fp32 master beside its bf16 weights), and an fp32 run is fp32."""
+    import torch
+    if cfg.method == "lora" and cfg.train.precision == "bf16-mixed":
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_split(path: Path, tokenizer, seq_length: int, required: bool = True) -> list[dict]:
     """Token ids/labels of a prepared NeMo-format JSONL split (an error when it has none, unless not
     ``required``)."""
@@ -301,7 +315,7 @@ class HFRecipe:
             raise ValueError(f"{cfg.model.hf_path}: tokenizer pad token must exist and differ from eos "
                              f"(pad={tok.pad_token!r}, eos={tok.eos_token!r})")
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, torch_dtype=weights_dtype(cfg))
 
         data_dir = Path(cfg.data.dataset_dir)
         train_rows = load_split(data_dir / "training.jsonl", tok, cfg.train.seq_length)

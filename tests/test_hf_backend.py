@@ -231,6 +231,36 @@ def test_step_counts_and_sums_are_over_every_rank(tmp_path):
         assert got == {"counts": [21, 32, 7, 2], "sums": [0.75, 4.0]}
 
 
+def test_lora_under_bf16_mixed_keeps_the_frozen_base_in_bf16(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """bf16-mixed LoRA holds the frozen base in bf16 as NeMo and the bridge do, the adapters in fp32, the matmuls
+    under autocast: run for real here on the CPU (torch's CPU autocast; the CPU rule "fp32 only" is lifted for
+    this test), two steps, an fp32 adapter written. Full SFT and fp32 runs load fp32 weights."""
+    import torch
+    from safetensors.torch import load_file
+    from recipes import hf_backend
+    cfg = load_config(ROOT / "nemo_configs/tiny_lora.yaml", _overrides(
+        tiny_model_dir, tiny_data_dir, tmp_path / "run", "train.precision=bf16-mixed", "train.max_steps=2",
+        "train.limit_val_batches=0", "tracking.tensorboard=false"))
+    assert hf_backend.weights_dtype(cfg) == torch.bfloat16
+    for other in ({"method": "sft"}, {"train.precision": "fp32"}):
+        assert hf_backend.weights_dtype(cfg.replace(**other)) == torch.float32, other
+    monkeypatch.setattr(hf_backend, "check_runs_on_cpu", lambda cfg: None)
+    recipe = hf_backend.HFRecipe(cfg)
+    recipe.setup()
+    dtypes = {}
+    for name, p in recipe.trainer.model.named_parameters():
+        dtypes.setdefault(("lora" if "lora_" in name else "base", p.requires_grad), set()).add(p.dtype)
+    assert dtypes == {("base", False): {torch.bfloat16}, ("lora", True): {torch.float32}}
+    assert recipe.trainer.args.bf16
+    try:
+        out = recipe.train()
+    finally:
+        recipe.cleanup()
+    recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs] == [1, 2] and all(6 < r["loss"] < 8 for r in recs)
+    assert {w.dtype for w in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
     """LoRA, 8 steps, a Trainer checkpoint every 4. Killed once step 6 is logged, the same command resumes from
