@@ -1,11 +1,14 @@
-"""Megatron-Bridge backend: run an ExperimentConfig with the bridge's training loop (NeMo 26.02's stack).
+"""Megatron-Bridge backend: run an ExperimentConfig with the bridge's training loop (0.3: NeMo 26.02's stack; 0.6).
 
     python -m recipes.finetune --config nemo_configs/tiny_lora.yaml --backend bridge   # re-runs itself here
     .venv-bridge/bin/python -m recipes.bridge_backend run --config nemo_configs/tiny_lora.yaml [key=value ...]
     .venv-bridge/bin/python -m recipes.bridge_backend import artifacts/models/tiny
 
 It runs in its own environment (``.venv-bridge``, ``make bridge-install``: Megatron-Bridge 0.3.0,
-megatron-core 0.16.0, transformers 4.57 — ``requirements/bridge.txt``), never in the NeMo 2.1 one.
+megatron-core 0.16.0, transformers 4.57 — ``requirements/bridge.txt``; or today's line, ``.venv-bridge06``,
+``make bridge06-install``: Megatron-Bridge 0.6.2, megatron-core 0.19.2, transformers 5.12, Python 3.12 —
+``requirements/bridge06.txt``, chosen with ``FUNDCOMMENT_BRIDGE_PYTHON``), never in the NeMo 2.1 one. Where the
+two lines differ the code asks the library (:func:`nemo_data_order`, :class:`SaveOnce`), not a version number.
 
 - :func:`import_base` — the HF model as a Megatron checkpoint, written once by the bridge itself
   (``AutoBridge.save_megatron_model``) to ``<hf_path>-megatron`` (temp dir + rename; reused while the HF
@@ -318,8 +321,12 @@ class _OnceAfterLoop:
         """Called after each counted call in the loop."""
 
     def install(self) -> None:
+        """Where ``pretrain``'s module has no such call (Megatron-Bridge 0.6 no longer saves after the loop), there
+        is nothing to skip and nothing is replaced."""
         import megatron.bridge.training.pretrain as pretrain_mod
         import megatron.bridge.training.train as train_mod
+        if not hasattr(pretrain_mod, self.attr):
+            return
         in_loop, after_loop = getattr(train_mod, self.attr), getattr(pretrain_mod, self.attr)
 
         def done_by_loop(state, *a, **k):
@@ -337,6 +344,26 @@ class _OnceAfterLoop:
 
         setattr(train_mod, self.attr, done_by_loop)
         setattr(pretrain_mod, self.attr, final)
+
+
+def nemo_data_order() -> None:
+    """Megatron-Bridge 0.6's global-batch sampler reshuffles the samples every epoch by default; 0.3's, like NeMo
+    2.1's, reads GPTSFTDataset's (already shuffled) sample mapping in order. Shuffled, the bridge trained on other
+    samples than NeMo at every step (seen: 880 against 920 tokens at step 1 of tiny_lora) and validated on other
+    rows. The sampler is made to keep the order where it has the switch; nothing changes on 0.3."""
+    import inspect
+    from megatron.bridge.data import samplers
+    cls = samplers.MegatronPretrainingBatchSampler
+    if "shuffle" not in inspect.signature(cls.__init__).parameters or getattr(cls, "in_order", False):
+        return
+
+    class InOrder(cls):
+        in_order = True
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "shuffle": False})
+
+    samplers.MegatronPretrainingBatchSampler = InOrder
 
 
 class SaveOnce(_OnceAfterLoop):
@@ -516,6 +543,7 @@ def run(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> Path:
     bridge = AutoBridge.from_hf_pretrained(str(Path(cfg.model.hf_path).absolute()),
                                            torch_dtype=torch.float32 if cpu else torch.bfloat16)
     forward = CountingForwardStep()
+    nemo_data_order()
     save_once = SaveOnce()
     save_once.install()
     EvalOnce(bridge_recipe.validation_rows(cfg) // cfg.train.global_batch_size).install()

@@ -1,4 +1,4 @@
-"""ExperimentConfig -> a Megatron-Bridge ``ConfigContainer`` (Megatron-Bridge 0.3, NeMo 26.02), not run.
+"""ExperimentConfig -> a Megatron-Bridge ``ConfigContainer`` (Megatron-Bridge 0.3, NeMo 26.02; and 0.6), not run.
 
 The same YAML that drives the NeMo 2.1 and HF backends, translated field by field in small functions, as
 :mod:`recipes.nemo_recipe` does for ``llm.finetune``: :func:`model_provider` (the bridge's own translation
@@ -142,6 +142,7 @@ def dataset_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
         raise ValueError("train.packed_sequence=true is not supported by the bridge backend yet (the NeMo 2.1 "
                          "backend refuses it too); set train.packed_sequence=false")
     kwargs = dict(SFT_DATASET_KWARGS, index_mapping_dir=str(Path(output_dir).absolute() / "data_index"))
+    # no packing: 0.3 names it packed_sequence_specs (default None), 0.6 offline_packing_specs (default None)
     return FinetuningDatasetConfig(
         dataset_root=str(Path(cfg.data.dataset_dir).absolute()), seq_length=cfg.train.seq_length,
         seed=cfg.train.seed, dataloader_type="batch",
@@ -149,7 +150,7 @@ def dataset_config(cfg: ExperimentConfig, output_dir: str | Path, cpu: bool):
         # sample mapping depends on that number, so the same number gives the NeMo backend's data order
         max_train_samples=math.ceil(cfg.train.global_batch_size * cfg.train.max_steps * 1.005), num_workers=0 if cpu else 4, pin_memory=not cpu,
         persistent_workers=False, memmap_workers=1, do_validation=validates(cfg), do_test=False,
-        packed_sequence_specs=None, dataset_kwargs=kwargs)
+        dataset_kwargs=kwargs)
 
 
 def validation_rows(cfg: ExperimentConfig) -> int:
@@ -295,7 +296,12 @@ def reference_recipe(cfg: ExperimentConfig, hf_dir: Path, arch_key: str):
     if spec is None:
         return None, None
     module, fn = spec.split(":")
-    recipe = getattr(importlib.import_module(module), fn)
+    try:
+        recipe = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        # the family files name Megatron-Bridge 0.3's recipes; 0.6 has per-GPU ones (llama31_8b_peft_1gpu_h100_bf16_
+        # config, ...) and its recipes package imports diffusers
+        return f"{spec} (not in this Megatron-Bridge: {type(e).__name__}: {e})", None
     original = AutoBridge.from_hf_pretrained.__func__
     with unittest.mock.patch.object(AutoBridge, "from_hf_pretrained",
                                     classmethod(lambda cls, path, **kw: original(cls, str(hf_dir), **kw))):
@@ -315,11 +321,22 @@ def compare_with_reference(cfg: ExperimentConfig, ours, ref) -> list[dict]:
     return rows
 
 
+def _bridge_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("megatron-bridge")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def reference_report(cfg: ExperimentConfig, ours, hf_dir: Path, arch_key: str) -> tuple[str, dict]:
     name, ref = reference_recipe(cfg, hf_dir, arch_key)
+    if ref is None and name is None:
+        return (f"# Megatron-Bridge {_bridge_version()} has no finetune recipe for {arch_key}: nothing to compare "
+                "with", {"recipe": None, "architecture": arch_key})
     if ref is None:
-        return (f"# Megatron-Bridge 0.3 has no finetune recipe for {arch_key}: nothing to compare with",
-                {"recipe": None, "architecture": arch_key})
+        return (f"# Megatron-Bridge {_bridge_version()}: the recipe {name}; nothing to compare with",
+                {"recipe": None, "missing": name, "architecture": arch_key})
     rows = compare_with_reference(cfg, ours, ref)
     layout_same = all(r["same"] for r in rows if r["layout"])
     lines = [f"# the bridge's own recipe for this model: {name} ({arch_key}); parallel layout "

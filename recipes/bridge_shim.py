@@ -1,7 +1,8 @@
-"""Megatron-Bridge 0.3 + megatron-core 0.16 on a CPU-only torch: the import stubs and the patches.
+"""Megatron-Bridge 0.3 + megatron-core 0.16 (and 0.6 + 0.19) without CUDA: the import stubs and the patches.
 
 The bridge backend (``recipes.bridge_backend``) runs in its own environment (``.venv-bridge``: the
-versions of NVIDIA's NeMo 26.02 container, see ``requirements/bridge.txt``). NVIDIA supports these
+versions of NVIDIA's NeMo 26.02 container, see ``requirements/bridge.txt``; ``.venv-bridge06``: Megatron-Bridge
+0.6.2, whose venv has torch's CUDA build, run here on the CPU; the same stubs and patches apply to both). NVIDIA supports these
 libraries on GPUs only; on this project's CPU machines a fine-tune runs once
 
 * :func:`import_bridge` has imported ``megatron.bridge`` with two import-time stubs, scoped to that
@@ -105,8 +106,17 @@ def _stub_modules() -> dict[str, types.ModuleType]:
     tl.constexpr = constexpr
     tl.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") else constexpr
     tr.language = tl
+    # Megatron-Bridge 0.6's training loop (training/pretrain.py) imports nvidia_resiliency_ext.inprocess
+    # unguarded, for a type; megatron-core 0.19 refuses nvidia-resiliency-ext older than 0.6.0 once it is
+    # installed, and 0.5+ has wheels for glibc 2.39 only ("No module named 'nvidia_resiliency_ext'" otherwise)
+    nvrx = types.ModuleType("nvidia_resiliency_ext")
+    nvrx.__version__ = "0.0.0"  # megatron-core's is_nvrx_min_version(): never new enough
+    inproc = types.ModuleType("nvidia_resiliency_ext.inprocess")
+    inproc.CallWrapper = type("CallWrapper", (_Never,), {})
+    nvrx.inprocess = inproc
     mods = {"transformer_engine": te, "transformer_engine.pytorch": pt, "transformer_engine.pytorch.ops": ops,
-            "triton": tr, "triton.language": tl}
+            "triton": tr, "triton.language": tl, "nvidia_resiliency_ext": nvrx,
+            "nvidia_resiliency_ext.inprocess": inproc}
     for name, m in mods.items():
         m.__spec__ = importlib.machinery.ModuleSpec(name, None)
     return mods
@@ -177,6 +187,8 @@ def import_bridge():
         importlib.import_module("megatron.bridge")
         importlib.import_module("megatron.bridge.peft.lora")
         importlib.import_module("megatron.bridge.peft.lora_layers")
+        if "nvidia_resiliency_ext" in stubs:
+            importlib.import_module("megatron.bridge.training.pretrain")  # 0.6: see _stub_modules
     if "transformer_engine" in stubs:
         # Modules imported under the stub that probe with ``try: import transformer_engine`` (the bridge's
         # model providers, comm_overlap, peft.utils/module_matcher via megatron-core's TE extension, which

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="experiment YAML (nemo_configs/*.yaml)")
     ap.add_argument("--backend", choices=["hf", "nemo", "bridge"], required=True,
                     help="hf: transformers + peft + TRL; nemo: NeMo 2.1 (nemo:24.12); bridge: Megatron-Bridge "
-                         "0.3 (NeMo 26.02), in its own venv")
+                         "0.3 (NeMo 26.02) or 0.6 (FUNDCOMMENT_BRIDGE_PYTHON), in its own venv")
     ap.add_argument("--output", help="output directory (overrides output_dir)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config/recipe and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=5")
