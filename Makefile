@@ -10,6 +10,12 @@ SERVE_PY   := $(SERVE_VENV)/bin/python
 # the Megatron-Bridge backend (--backend bridge) lives in its own venv: NeMo 26.02's versions (requirements/bridge.txt)
 BRIDGE_VENV ?= .venv-bridge
 BRIDGE_PY   := $(BRIDGE_VENV)/bin/python
+# ... and on today's line, Megatron-Bridge 0.6 (requirements/bridge06.txt), which needs Python 3.12: a python3.12
+# that runs (a pyenv shim may exist without the version selected), else pyenv's 3.12 by path
+BRIDGE06_VENV ?= .venv-bridge06
+BRIDGE06_PY   := $(BRIDGE06_VENV)/bin/python
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12.*/bin/python3.12 2>/dev/null); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
 # the MLflow tracking server the tests start (full mlflow; the training venv has only the client, mlflow-skinny)
 MLFLOW_VENV ?= .venv-mlflow
 # torch first, so nothing else pulls a CUDA build: on these CPU machines pip finds the 2.13.0 CPU
@@ -20,7 +26,7 @@ GPU_BUNDLE ?= dist/gpu-bundle
 GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 
-.PHONY: install serve-install mlflow-install bridge-install browser slurm demo test test-fast gpu-bundle clean help
+.PHONY: install serve-install mlflow-install bridge-install bridge06-install browser slurm demo test test-fast gpu-bundle clean help
 
 help:
 	@echo "make demo   - install and run the CPU demo (writes $(DEMO_OUT)/report.md)"
@@ -63,6 +69,19 @@ $(BRIDGE_VENV)/.installed: requirements/bridge.txt requirements/bridge-constrain
 
 bridge-install: $(BRIDGE_VENV)/.installed
 
+$(BRIDGE06_VENV)/.installed: requirements/bridge06.txt requirements/bridge06-constraints.txt pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: Megatron-Bridge 0.6 needs Python 3.12 and none was found (set PYTHON312=...)" >&2; exit 2; }
+	$(PYTHON312) -m venv $(BRIDGE06_VENV)
+	$(BRIDGE06_PY) -m pip install -q --upgrade "pip>=23.2"
+	$(BRIDGE06_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(BRIDGE06_PY) -m pip install -q -c requirements/bridge06-constraints.txt -r requirements/bridge06.txt
+	# as for .venv-bridge: its declared dependencies are CUDA-only or unused here
+	$(BRIDGE06_PY) -m pip install -q --no-deps -c requirements/bridge06-constraints.txt megatron-bridge
+	$(BRIDGE06_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+bridge06-install: $(BRIDGE06_VENV)/.installed
+
 $(MLFLOW_VENV)/.installed: requirements/mlflow-server.txt requirements/mlflow-server-constraints.txt
 	$(PYTHON) -m venv $(MLFLOW_VENV)
 	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade "pip>=23.2"
@@ -88,7 +107,7 @@ slurm:
 demo: install serve-install bridge-install browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m recipes.demo --output $(DEMO_OUT)
 
-test: install serve-install mlflow-install bridge-install browser slurm
+test: install serve-install mlflow-install bridge-install bridge06-install browser slurm
 	FUNDCOMMENT_REQUIRE_SERVER=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install

@@ -15,12 +15,19 @@ from benchmarks.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def require_bridge_python() -> Path:
-    """.venv-bridge's python (recipes.bridge_recipe.bridge_python); skipped without it, unless
-    FUNDCOMMENT_REQUIRE_SERVER=1 (`make test`), where a missing environment fails."""
+def require_bridge_python(line: str = "0.3") -> Path:
+    """The python of a Megatron-Bridge environment: line "0.3", .venv-bridge's (recipes.bridge_recipe.bridge_python),
+    or "0.6", .venv-bridge06's (`make bridge06-install`); skipped without it, unless FUNDCOMMENT_REQUIRE_SERVER=1
+    (`make test`), where a missing environment fails."""
     from recipes.bridge_recipe import bridge_python
     try:
-        return bridge_python()
+        if line == "0.3":
+            return bridge_python()
+        p = ROOT / ".venv-bridge06" / "bin" / "python"
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: the Megatron-Bridge 0.6 environment is not installed; run "
+                                    "`make bridge06-install`")
+        return p
     except FileNotFoundError as e:
         if os.environ.get("FUNDCOMMENT_REQUIRE_SERVER") == "1":
             pytest.fail(str(e))

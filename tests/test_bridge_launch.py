@@ -30,9 +30,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=8", "train.max_steps=3", "tracking.tensorboard=false"]
 
 
-@pytest.fixture(scope="module")
-def bridge_py() -> Path:
-    return require_bridge_python()
+@pytest.fixture(scope="module", params=["0.3", "0.6"], ids=lambda line: f"bridge{line}")
+def bridge_py(request) -> Path:
+    """Both lines of Megatron-Bridge (tests/test_bridge.py): the launches here and in recipes.finetune use the
+    line's python (FUNDCOMMENT_BRIDGE_PYTHON)."""
+    py = require_bridge_python(request.param)
+    before = os.environ.get("FUNDCOMMENT_BRIDGE_PYTHON")
+    os.environ["FUNDCOMMENT_BRIDGE_PYTHON"] = ENV["FUNDCOMMENT_BRIDGE_PYTHON"] = str(py)
+    yield py
+    ENV.pop("FUNDCOMMENT_BRIDGE_PYTHON", None)
+    if before is None:
+        os.environ.pop("FUNDCOMMENT_BRIDGE_PYTHON", None)
+    else:
+        os.environ["FUNDCOMMENT_BRIDGE_PYTHON"] = before
 
 
 @pytest.fixture(scope="module")
