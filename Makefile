@@ -9,11 +9,9 @@ SERVE_VENV ?= .venv-serve
 SERVE_PY   := $(SERVE_VENV)/bin/python
 # the Megatron-Bridge backend (--backend bridge) lives in its own venv: NeMo 26.02's versions (requirements/bridge.txt)
 BRIDGE_VENV ?= .venv-bridge
-BRIDGE_PY   := $(BRIDGE_VENV)/bin/python
 # ... and on today's line, Megatron-Bridge 0.6 (requirements/bridge06.txt), which needs Python 3.12: a python3.12
 # that runs (a pyenv shim may exist without the version selected), else pyenv's 3.12 by path
 BRIDGE06_VENV ?= .venv-bridge06
-BRIDGE06_PY   := $(BRIDGE06_VENV)/bin/python
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12.*/bin/python3.12 2>/dev/null); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
 # the MLflow tracking server the tests start (full mlflow; the training venv has only the client, mlflow-skinny)
@@ -57,28 +55,27 @@ $(SERVE_VENV)/.installed: requirements/serve.txt requirements/serve-constraints.
 
 serve-install: $(SERVE_VENV)/.installed
 
+# A Megatron-Bridge venv: $(1) the python to make it with, $(2) the venv, $(3) its requirements (requirements/$(3).txt
+# and $(3)-constraints.txt). megatron-bridge goes in last with --no-deps: its declared dependencies are CUDA-only or
+# unused here (Transformer Engine, mamba-ssm, flashinfer, wandb, ...).
+define bridge_venv
+	$(1) -m venv $(2)
+	$(2)/bin/python -m pip install -q --upgrade "pip>=23.2"
+	$(2)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(2)/bin/python -m pip install -q -c requirements/$(3)-constraints.txt -r requirements/$(3).txt
+	$(2)/bin/python -m pip install -q --no-deps -c requirements/$(3)-constraints.txt megatron-bridge
+	$(2)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(2)/.installed
+endef
+
 $(BRIDGE_VENV)/.installed: requirements/bridge.txt requirements/bridge-constraints.txt pyproject.toml
-	$(PYTHON) -m venv $(BRIDGE_VENV)
-	$(BRIDGE_PY) -m pip install -q --upgrade "pip>=23.2"
-	$(BRIDGE_PY) -m pip install -q "$(TORCH_SPEC)"
-	$(BRIDGE_PY) -m pip install -q -c requirements/bridge-constraints.txt -r requirements/bridge.txt
-	# its declared dependencies are CUDA-only or unused here (Transformer Engine, mamba-ssm, wandb, ...)
-	$(BRIDGE_PY) -m pip install -q --no-deps -c requirements/bridge-constraints.txt megatron-bridge
-	$(BRIDGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $@
+	$(call bridge_venv,$(PYTHON),$(BRIDGE_VENV),bridge)
 
 bridge-install: $(BRIDGE_VENV)/.installed
 
 $(BRIDGE06_VENV)/.installed: requirements/bridge06.txt requirements/bridge06-constraints.txt pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: Megatron-Bridge 0.6 needs Python 3.12 and none was found (set PYTHON312=...)" >&2; exit 2; }
-	$(PYTHON312) -m venv $(BRIDGE06_VENV)
-	$(BRIDGE06_PY) -m pip install -q --upgrade "pip>=23.2"
-	$(BRIDGE06_PY) -m pip install -q "$(TORCH_SPEC)"
-	$(BRIDGE06_PY) -m pip install -q -c requirements/bridge06-constraints.txt -r requirements/bridge06.txt
-	# as for .venv-bridge: its declared dependencies are CUDA-only or unused here
-	$(BRIDGE06_PY) -m pip install -q --no-deps -c requirements/bridge06-constraints.txt megatron-bridge
-	$(BRIDGE06_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $@
+	$(call bridge_venv,$(PYTHON312),$(BRIDGE06_VENV),bridge06)
 
 bridge06-install: $(BRIDGE06_VENV)/.installed
 
