@@ -39,9 +39,11 @@ def made_by_rank_zero(make: Callable[[], object], done: Callable[[], bool], what
     runs ``make()``; every other rank waits until ``done()`` says the output is complete (it must be written so
     that it appears whole, as :func:`atomic_dir` does). Rather than each rank building its own copy at once
     (a model import N times over, each replacing the others'). Raises TimeoutError naming ``what`` when it is
-    not done within ``timeout_s`` (a failing rank 0 ends the launch sooner: torchrun stops every rank)."""
+    not done within ``timeout_s`` (a failing rank 0 ends the launch sooner: torchrun stops every rank). Rank 0
+    returns once ``make()`` has: what it made need not pass ``done()`` (an import kept unchecked never does)."""
     if rank == 0:
         make()
+        return
     deadline = time.monotonic() + timeout_s
     said = False
     while not done():

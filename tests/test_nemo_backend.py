@@ -394,6 +394,7 @@ def test_made_by_rank_zero_makes_once_and_waits_elsewhere(capsys):
     made = []
     done = lambda: bool(made)  # noqa: E731
     made_by_rank_zero(lambda: made.append(1), done, "x", rank=0)
+    made_by_rank_zero(lambda: None, lambda: False, "y", rank=0, timeout_s=0.1)  # rank 0 never waits
     made_by_rank_zero(lambda: made.append(2), done, "x", rank=3)  # done already: rank 3 neither makes nor waits
     assert made == [1]
     with pytest.raises(TimeoutError, match=r"^thing: not made by rank 0 within 0.1 s \(rank 2 waited for it; "):
