@@ -2,13 +2,14 @@
 
 The bridge backend (``recipes.bridge_backend``) runs in its own environment (``.venv-bridge``: the
 versions of NVIDIA's NeMo 26.02 container, see ``requirements/bridge.txt``; ``.venv-bridge06``: Megatron-Bridge
-0.6.2, whose venv has torch's CUDA build, run here on the CPU; the same stubs and patches apply to both). NVIDIA supports these
-libraries on GPUs only; on this project's CPU machines a fine-tune runs once
+0.6.2, whose venv has torch's CUDA build, run here on the CPU; the same stubs and patches serve both). NVIDIA
+supports these libraries on GPUs only; on this project's CPU machines a fine-tune runs once
 
-* :func:`import_bridge` has imported ``megatron.bridge`` with two import-time stubs, scoped to that
-  import: ``transformer_engine`` (``megatron.bridge.peft.lora`` imports it unguarded — "ModuleNotFoundError:
-  No module named 'transformer_engine'") and ``triton`` (megatron-core's mamba inference kernels, pulled
-  in by ``megatron.bridge.models``). The stubs are removed again afterwards so megatron-core's own
+* :func:`import_bridge` has imported ``megatron.bridge`` with import-time stubs for what is not installed, scoped
+  to that import: ``transformer_engine`` (``megatron.bridge.peft.lora`` imports it unguarded — "ModuleNotFoundError:
+  No module named 'transformer_engine'"), ``triton`` (megatron-core's mamba inference kernels, pulled
+  in by ``megatron.bridge.models``; 0.6's venv has the real one) and, for 0.6's training loop,
+  ``nvidia_resiliency_ext`` (see :func:`_stub_modules`). The stubs are removed again afterwards so megatron-core's own
   ``HAVE_TE`` checks still see no Transformer Engine; the bridge's PEFT modules compute ``HAVE_TE=True``
   from megatron-core's Transformer-Engine extension (which imports without TE and binds MagicMocks), so
   their flags are forced off ("TypeError: isinstance() arg 2 must be a type" otherwise);
