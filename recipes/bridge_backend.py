@@ -61,16 +61,7 @@ def _source_fingerprint(hf_path: Path) -> str:
     return h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """The Megatron-Bridge and megatron-core versions of this environment; empty without Megatron-Bridge (the
-    main venv, which looks for a base checkpoint before a launch, has NeMo 2.1's megatron-core, not the bridge's:
-    there only the source files are compared, and the bridge's own processes compare the versions)."""
-    from importlib import metadata
-    try:
-        return {"megatron-bridge": metadata.version("megatron-bridge"),
-                "megatron-core": metadata.version("megatron-core")}
-    except metadata.PackageNotFoundError:
-        return {}
+library_versions = bridge_recipe.library_versions  # the versions a base checkpoint records
 
 
 def import_is_complete(hf_path: str | Path, base: str | Path) -> bool:

@@ -321,21 +321,26 @@ def compare_with_reference(cfg: ExperimentConfig, ours, ref) -> list[dict]:
     return rows
 
 
-def _bridge_version() -> str:
+def library_versions() -> dict[str, str]:
+    """The Megatron-Bridge and megatron-core versions of this environment; empty without Megatron-Bridge (the
+    main venv, which looks for a base checkpoint before a launch, has NeMo 2.1's megatron-core, not the bridge's:
+    there only the source files are compared, and the bridge's own processes compare the versions)."""
     from importlib import metadata
     try:
-        return metadata.version("megatron-bridge")
+        return {"megatron-bridge": metadata.version("megatron-bridge"),
+                "megatron-core": metadata.version("megatron-core")}
     except metadata.PackageNotFoundError:
-        return "(not installed)"
+        return {}
 
 
 def reference_report(cfg: ExperimentConfig, ours, hf_dir: Path, arch_key: str) -> tuple[str, dict]:
     name, ref = reference_recipe(cfg, hf_dir, arch_key)
+    version = library_versions().get("megatron-bridge")
     if ref is None and name is None:
-        return (f"# Megatron-Bridge {_bridge_version()} has no finetune recipe for {arch_key}: nothing to compare "
-                "with", {"recipe": None, "architecture": arch_key})
+        return (f"# Megatron-Bridge {version} has no finetune recipe for {arch_key}: nothing to compare with",
+                {"recipe": None, "architecture": arch_key})
     if ref is None:
-        return (f"# Megatron-Bridge {_bridge_version()}: the recipe {name}; nothing to compare with",
+        return (f"# Megatron-Bridge {version}: the recipe {name}; nothing to compare with",
                 {"recipe": None, "missing": name, "architecture": arch_key})
     rows = compare_with_reference(cfg, ours, ref)
     layout_same = all(r["same"] for r in rows if r["layout"])
