@@ -41,6 +41,7 @@ import families  # noqa: E402
 from benchmarks.metrics import StepTimer, all_reduce_sum, global_rank, tracked_scalars  # noqa: E402
 from recipes import bridge_recipe  # noqa: E402
 from recipes.bridge_shim import prepare_process  # noqa: E402
+from recipes.cli import print_line  # noqa: E402
 from recipes.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from recipes.fileio import made_by_rank_zero, write_text_atomic  # noqa: E402
 from recipes.tokens import sft_batch_counts  # noqa: E402
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         print(bridge_recipe.describe(cfg, cpu=is_cpu() and not cfg.targets_gpu))
         return 0
     rank_env_from_slurm(os.environ)
-    print(f"done: {run(cfg)}")
+    print_line(f"done: {run(cfg)}")
     return 0
 
 

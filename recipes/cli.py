@@ -5,6 +5,8 @@ an expected failure into one ``error: ...`` line on stderr and a non-zero exit s
 convert.nemo_to_hf print their report as one JSON line) and for the endpoint benchmarks
 (``benchmarks.openai_client.report_command``: benchmarks.model_eval, benchmarks.inference_speed
 print the results.md they wrote).
+
+:func:`print_line` is a command's closing line where several ranks share one stdout (srun, torchrun).
 """
 from __future__ import annotations
 
@@ -30,3 +32,13 @@ def run_command(call: Callable[[], Any], errors: tuple[type[BaseException], ...]
         return 2
     print(show(result))
     return 0
+
+
+def print_line(text: str) -> None:
+    """Print ``text`` and its newline in one write, after flushing what came before. Ranks that share one
+    stdout (srun's task output, torchrun's) interleave at write boundaries, and ``print`` under
+    ``python -u`` writes the text and its newline separately: two ranks' ``done: OUT`` became
+    ``done: OUTdone: OUT\n\n`` in a Slurm job's log (seen in CI)."""
+    sys.stdout.flush()
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from recipes.cli import print_line
 from recipes.config import ConfigError, load_config
 from recipes.inputs import ensure_inputs
 from recipes.launch import add_executor_args, run_with_executor
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_inputs(cfg)
         from recipes.hf_backend import run
         out = run(cfg)
-    print(f"done: {out}")
+    print_line(f"done: {out}")
     return 0
 
 

@@ -30,3 +30,24 @@ def test_help(module):
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
         mod.main(["--help"])
     assert e.value.code == 0 and "usage:" in out.getvalue(), module
+
+
+def test_print_line_writes_the_line_and_its_newline_at_once(monkeypatch):
+    """Ranks sharing one stdout interleave at write boundaries; `print` writes the text and the newline apart."""
+    from recipes.cli import print_line
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    monkeypatch.setattr("sys.stdout", out)
+    print("before", end="")
+    print_line("done: /tmp/run")
+    assert [w for w in out.writes if w] == ["before", "done: /tmp/run\n"]
+    assert out.getvalue() == "beforedone: /tmp/run\n"
