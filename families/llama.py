@@ -9,7 +9,7 @@ dividing the HF vocab (so an imported embedding is normally not padded; 128 for 
 from __future__ import annotations
 
 from families import register
-from families.spec import ModelFamily, UnsupportedModelError
+from families.spec import ModelFamily, UnsupportedModelError, bridge_recipes_for
 
 # Llama 3.1 rope_scaling key -> Llama31Config field, and the HF defaults of those keys.
 ROPE_LLAMA3_FIELDS: tuple[tuple[str, str], ...] = (
@@ -49,8 +49,8 @@ class Llama(ModelFamily):
     )
     config_prefixes = {"swallow_8b": "llama31_8b", "llama31_8b": "llama31_8b",
                        "swallow_70b": "llama31_70b", "llama31_70b": "llama31_70b"}
-    bridge_recipes = {"llama31_8b": "megatron.bridge.recipes.llama.llama3:llama31_8b_finetune_config",
-                      "llama31_70b": "megatron.bridge.recipes.llama.llama3:llama31_70b_finetune_config"}
+    bridge_recipes = {key: bridge_recipes_for("megatron.bridge.recipes.llama.llama3", key)
+                      for key in ("llama31_8b", "llama31_70b")}
 
     def check_supported(self, hf, path):
         super().check_supported(hf, path)

@@ -9,7 +9,7 @@ untied embeddings (fixed in 2.2.0): :meth:`Qwen2.nemo_importer` returns a fixed 
 from __future__ import annotations
 
 from families import register
-from families.spec import DECODER_ROWS, QKV_BIAS_ROW, ModelFamily, UnsupportedModelError
+from families.spec import DECODER_ROWS, QKV_BIAS_ROW, ModelFamily, UnsupportedModelError, bridge_recipes_for
 
 # what NeMo 2.1.0's Qwen2 importer assumes (fixed upstream in 2.2.0)
 IMPORTER_VOCAB = 151936
@@ -33,7 +33,7 @@ class Qwen2(ModelFamily):
              examples=("Qwen/Qwen2.5-72B-Instruct", "Nexusflow/Athene-V2-Chat")),
     )
     config_prefixes = {"qwen25_72b": "qwen25_72b", "athene_v2": "qwen25_72b"}
-    bridge_recipes = {"qwen25_72b": "megatron.bridge.recipes.qwen.qwen2:qwen25_72b_finetune_config"}
+    bridge_recipes = {"qwen25_72b": bridge_recipes_for("megatron.bridge.recipes.qwen.qwen2", "qwen25_72b")}
 
     def make_vocab_size_divisible_by(self, vocab_size):
         return 128  # as NeMo's importer; unused, the config carries vocab_size

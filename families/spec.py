@@ -256,6 +256,29 @@ HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "initializer_range":
 DTYPE_FIELDS = ("params_dtype", "bf16", "fp16")
 
 
+@dataclass(frozen=True)
+class BridgeRecipe:
+    """One Megatron-Bridge recipe function (``"module:function"``) and the keyword arguments that make it a
+    method's recipe; :func:`bridge_recipes_for` names them for a model."""
+    function: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.function.split(':')[1]}({', '.join(f'{k}={v!r}' for k, v in self.kwargs)})"
+
+
+def bridge_recipes_for(module: str, model: str) -> dict[str, tuple[BridgeRecipe, ...]]:
+    """A model's finetune recipes on each Megatron-Bridge line, by method, in the order they are tried (the first
+    one the installed bridge has is used): 0.3 (NeMo 26.02) has ``{model}_finetune_config(peft=...)`` for both
+    methods; 0.4 and later have ``{model}_peft_config(peft_scheme=...)`` and ``{model}_sft_config()``, aliases of
+    their H100 recipes (0.6.2: ``llama31_8b_peft_1gpu_h100_bf16_config``, ``..._sft_2gpu_h100_bf16_config``)."""
+    return {"lora": (BridgeRecipe(f"{module}:{model}_finetune_config", (("peft", "lora"),)),
+                     BridgeRecipe(f"{module}:{model}_peft_config", (("peft_scheme", "lora"),))),
+            "sft": (BridgeRecipe(f"{module}:{model}_finetune_config", (("peft", None),)),
+                    BridgeRecipe(f"{module}:{model}_sft_config"))}
+
+
 def dtype_kwargs(hf: dict) -> dict:
     """``params_dtype``/``bf16``/``fp16`` for a HF config's ``torch_dtype`` (what NeMo's importers set)."""
     dtype = DTYPES[hf.get("torch_dtype", "float32")]
@@ -302,9 +325,9 @@ class ModelFamily:
     known_architectures: ClassVar[tuple[dict, ...]] = ()
     # Config-name prefixes (nemo_configs/<prefix>_*.yaml) -> known architecture key.
     config_prefixes: ClassVar[dict[str, str]] = {}
-    # known architecture key -> Megatron-Bridge 0.3 finetune recipe ("module:function", NeMo 26.02), the
-    # reference recipes.bridge_recipe compares a production config with
-    bridge_recipes: ClassVar[dict[str, str]] = {}
+    # known architecture key -> method -> the Megatron-Bridge recipes of that model, 0.3's first then 0.4+'s
+    # (bridge_recipes_for): the reference recipes.bridge_recipe compares a production config with
+    bridge_recipes: ClassVar[dict[str, dict[str, tuple[BridgeRecipe, ...]]]] = {}
     # HF config fields a random test model of this family sets beyond the shape (recipes.models tiny)
     tiny_hf_overrides: ClassVar[dict] = {}
 

@@ -257,13 +257,17 @@ COMPARED = (
     ("clip_grad", "optimizer.clip_grad"), ("use_distributed_optimizer", "optimizer.use_distributed_optimizer"),
     ("lr_decay_style", "scheduler.lr_decay_style"), ("lr_warmup_iters", "scheduler.lr_warmup_iters"),
     ("train_iters", "train.train_iters"), ("global_batch_size", "train.global_batch_size"),
-    ("micro_batch_size", "train.micro_batch_size"), ("eval_interval", "train.eval_interval"),
+    ("micro_batch_size", "train.micro_batch_size"), ("eval_interval", "validation.eval_interval|train.eval_interval"),
     ("seq_length", "model.seq_length"), ("save_interval", "checkpoint.save_interval"), ("seed", "rng.seed"),
 )
 LAYOUT = COMPARED[:4]  # TP, PP, VPP, CP: how the model is cut over the GPUs (sequence parallel is listed as a value)
 
 
 def _get(container, path: str):
+    """The value at ``path``; ``a|b``: the first of them that is set (Megatron-Bridge 0.4+ moved
+    ``train.eval_interval`` to ``validation.eval_interval``)."""
+    if "|" in path:
+        return next((v for v in (_get(container, p) for p in path.split("|")) if v is not None), None)
     node = container
     for part in path.split("."):
         node = getattr(node, part, None) if node is not None else None
@@ -284,29 +288,32 @@ def _hf_dir_for(cfg: ExperimentConfig, tmp: Path) -> tuple[Path, str]:
 
 
 def reference_recipe(cfg: ExperimentConfig, hf_dir: Path, arch_key: str):
-    """(name, ConfigContainer) of the bridge's own finetune recipe for this model (the family file's
-    ``bridge_recipes``), PEFT for method lora and full SFT otherwise; (None, None) when the bridge has none.
-    The recipe loads ``AutoBridge.from_hf_pretrained(<hub id>)``: it is pointed at ``hf_dir`` instead."""
+    """(name, ConfigContainer) of the bridge's own recipe for this model and method: the first of the family
+    file's ``bridge_recipes`` (0.3's ``*_finetune_config``, then 0.4+'s ``*_peft_config``/``*_sft_config``) that
+    this Megatron-Bridge has; (None, None) when the family names none, (what was looked for, None) when this
+    bridge has none of them. The recipe loads ``AutoBridge.from_hf_pretrained(<hub id>)``: it is pointed at
+    ``hf_dir`` instead."""
     import importlib
     import unittest.mock
     from megatron.bridge import AutoBridge
 
-    spec = families.get(families.for_hf(json.loads((hf_dir / "config.json").read_text())).name
-                        ).bridge_recipes.get(arch_key)
-    if spec is None:
+    candidates = families.get(families.for_hf(json.loads((hf_dir / "config.json").read_text())).name
+                              ).bridge_recipes.get(arch_key, {}).get(cfg.method, ())
+    if not candidates:
         return None, None
-    module, fn = spec.split(":")
-    try:
-        recipe = getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        # the family files name Megatron-Bridge 0.3's recipes; 0.6 has per-GPU ones (llama31_8b_peft_1gpu_h100_bf16_
-        # config, ...) and its recipes package imports diffusers
-        return f"{spec} (not in this Megatron-Bridge: {type(e).__name__}: {e})", None
-    original = AutoBridge.from_hf_pretrained.__func__
-    with unittest.mock.patch.object(AutoBridge, "from_hf_pretrained",
-                                    classmethod(lambda cls, path, **kw: original(cls, str(hf_dir), **kw))):
-        ref = recipe(peft="lora" if cfg.method == "lora" else None)
-    return f"{fn}(peft={'lora' if cfg.method == 'lora' else None!r})", ref
+    missing = []
+    for candidate in candidates:
+        module, fn = candidate.function.split(":")
+        try:
+            recipe = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            missing.append(f"{candidate.function} ({type(e).__name__}: {e})")
+            continue
+        original = AutoBridge.from_hf_pretrained.__func__
+        with unittest.mock.patch.object(AutoBridge, "from_hf_pretrained",
+                                        classmethod(lambda cls, path, **kw: original(cls, str(hf_dir), **kw))):
+            return candidate.label, recipe(**dict(candidate.kwargs))
+    return "; ".join(missing), None
 
 
 def compare_with_reference(cfg: ExperimentConfig, ours, ref) -> list[dict]:
@@ -337,14 +344,14 @@ def reference_report(cfg: ExperimentConfig, ours, hf_dir: Path, arch_key: str) -
     name, ref = reference_recipe(cfg, hf_dir, arch_key)
     version = library_versions().get("megatron-bridge")
     if ref is None and name is None:
-        return (f"# Megatron-Bridge {version} has no finetune recipe for {arch_key}: nothing to compare with",
+        return (f"# Megatron-Bridge {version} has no {cfg.method} recipe for {arch_key}: nothing to compare with",
                 {"recipe": None, "architecture": arch_key})
     if ref is None:
-        return (f"# Megatron-Bridge {version}: the recipe {name}; nothing to compare with",
+        return (f"# Megatron-Bridge {version} has none of this model's recipes: {name}; nothing to compare with",
                 {"recipe": None, "missing": name, "architecture": arch_key})
     rows = compare_with_reference(cfg, ours, ref)
     layout_same = all(r["same"] for r in rows if r["layout"])
-    lines = [f"# the bridge's own recipe for this model: {name} ({arch_key}); parallel layout "
+    lines = [f"# the bridge's own recipe for this model: {name} ({arch_key}, Megatron-Bridge {version}); parallel layout "
              f"{'the same' if layout_same else 'DIFFERENT'}; where this config differs from it:",
              "# | field | this config | bridge recipe |", "# |---|---|---|"]
     lines += [f"# | {r['field']} | {r['ours']!r} | {r['bridge_recipe']!r} |" for r in rows if not r["same"]]

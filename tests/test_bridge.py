@@ -379,23 +379,25 @@ def test_torchrun_data_parallel_matches_one_process(bridge_py, tiny, tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 2  # dp1's and dp2's: none from rank 1
 
 
-# the bridge's own finetune recipe each production config is compared with (family files' bridge_recipes)
-PRODUCTION_RECIPES = {
-    "swallow_8b_lora": "llama31_8b_finetune_config(peft='lora')", "swallow_8b_sft": "llama31_8b_finetune_config(peft=None)",
-    "swallow_70b_lora": "llama31_70b_finetune_config(peft='lora')",
-    "llama31_70b_lora": "llama31_70b_finetune_config(peft='lora')",
-    "swallow_70b_sft": "llama31_70b_finetune_config(peft=None)",
-    "qwen25_72b_lora": "qwen25_72b_finetune_config(peft='lora')", "athene_v2_lora": "qwen25_72b_finetune_config(peft='lora')",
-    "mistral_7b_lora": None,
-}
+# the bridge's own recipe each production config is compared with (family files' bridge_recipes), by model
+PRODUCTION_MODELS = {"swallow_8b_lora": "llama31_8b", "swallow_8b_sft": "llama31_8b", "swallow_70b_lora": "llama31_70b",
+                     "llama31_70b_lora": "llama31_70b", "swallow_70b_sft": "llama31_70b", "qwen25_72b_lora": "qwen25_72b",
+                     "athene_v2_lora": "qwen25_72b", "mistral_7b_lora": None}
+
+
+def expected_recipe(line: str, model: str, method: str) -> str:
+    """0.3 (NeMo 26.02): one finetune recipe per model; 0.4 and later: a PEFT and an SFT recipe (H100 ones)."""
+    if line == ".venv-bridge":
+        return f"{model}_finetune_config(peft={'lora' if method == 'lora' else None!r})"
+    return f"{model}_peft_config(peft_scheme='lora')" if method == "lora" else f"{model}_sft_config()"
 
 
 def test_production_configs_resolve_to_the_bridges_own_recipes(bridge_py, tmp_path):
     """Every production YAML dry-runs into a bridge ConfigContainer (the model not downloaded: described from
-    its architecture's config.json), is matched with the bridge's finetune recipe of that model (Swallow through
-    the Llama bridge, Athene-V2 through Qwen2), has the recipe's parallel layout (TP/PP/VPP/CP) and lists the
-    values where it differs from it."""
-    names = sorted(PRODUCTION_RECIPES)
+    its architecture's config.json), is matched with this bridge's recipe of that model and method (Swallow
+    through the Llama bridge, Athene-V2 through Qwen2; 0.3's finetune recipe, 0.6's PEFT or SFT one), has the
+    recipe's parallel layout (TP/PP/VPP/CP) and lists the values where it differs from it."""
+    names = sorted(PRODUCTION_MODELS)
     out = _py(bridge_py, f"""
         import json
         from recipes.bridge_shim import import_bridge
@@ -407,26 +409,28 @@ def test_production_configs_resolve_to_the_bridges_own_recipes(bridge_py, tmp_pa
             cfg = load_config(f"nemo_configs/{{name}}.yaml", ["model.hf_path={tmp_path}/not-downloaded/" + name])
             report = {{}}
             text = describe(cfg, cpu=False, report=report)
-            res[name] = {{"report": report, "text_tail": text[-3000:]}}
+            res[name] = {{"report": report, "text_tail": text[-3000:], "method": cfg.method,
+                          "container": "# Megatron-Bridge ConfigContainer for " + name in text}}
         print(json.dumps(res, default=str))
     """, timeout=600)
     line = bridge_py.parents[1].name  # .venv-bridge or .venv-bridge06
-    for name, recipe in PRODUCTION_RECIPES.items():
-        rep = out[name]["report"]
-        assert "ConfigContainer" in out[name]["text_tail"] or rep, name
-        if line == ".venv-bridge06":
-            # 0.6's recipes are per GPU (llama31_8b_peft_1gpu_h100_bf16_config, ...): the dry run still resolves and
-            # says that the 0.3 recipe the family file names is not there
-            assert rep["recipe"] is None and "nothing to compare with" in out[name]["text_tail"], name
+    for name, model in PRODUCTION_MODELS.items():
+        rep, tail = out[name]["report"], out[name]["text_tail"]
+        assert out[name]["container"], name
+        if model is None:
+            assert rep["recipe"] is None and "has no lora recipe for mistral_7b" in tail, name
             continue
-        assert rep["recipe"] == recipe, name
-        if recipe is None:
-            assert "has no finetune recipe" in out[name]["text_tail"]
-            continue
+        assert rep["recipe"] == expected_recipe(line, model, out[name]["method"]), name
         assert rep["layout_same"], (name, [r for r in rep["rows"] if r["layout"] and not r["same"]])
         differ = {r["field"]: (r["ours"], r["bridge_recipe"]) for r in rep["rows"] if not r["same"]}
-        assert differ["global_batch_size"] == (32, 128), name  # ours: ~3,000 pairs; the recipe: SQuAD
-        assert "| global_batch_size | 32 | 128 |" in out[name]["text_tail"]
+        # ours: ~3,000 pairs; 0.3's recipes: SQuAD's 128; 0.6's: 8 for Llama, 128 for Qwen2.5-72B
+        gbs = 128 if line == ".venv-bridge" or model == "qwen25_72b" else 8
+        assert differ["global_batch_size"] == (32, gbs), name
+        assert f"| global_batch_size | 32 | {gbs} |" in tail
+        if line == ".venv-bridge06":
+            assert differ["adam_eps"] == (1e-5, 1e-8), name  # 0.6's recipes: Adam's epsilon 1e-8 (0.3's: 1e-5)
+        else:
+            assert "adam_eps" not in differ, name
         assert all(r["same"] for r in rep["rows"] if r["field"] in ("tensor_model_parallel_size", "lr_decay_style"))
 
 
