@@ -1,5 +1,6 @@
 """Shared helpers of the training-run tests: the bridge's environment, a tiny model with prepared data, and
-killing a run once a given step is logged (tests/test_bridge.py, test_bridge_launch.py, test_nemo_backend.py)."""
+killing a run once a given step is logged (tests/test_bridge.py, test_bridge_launch.py, test_nemo_backend.py,
+test_hf_backend.py, test_distributed.py)."""
 from __future__ import annotations
 
 import os
@@ -44,9 +45,23 @@ def tiny_inputs(base: Path) -> dict:
     return {"model": model, "data": data, "base": base}
 
 
+PAUSE_HOOK = Path(__file__).resolve().parent / "pause_hook"
+
+
+def paused_after(step: int, env: dict | None = None) -> dict:
+    """``env`` (default: this process's) for a run that :func:`kill_when_step` kills at ``step``: every process of
+    the run (torchrun's ranks, the bridge's python) loads ``tests/pause_hook/sitecustomize.py``, whose metrics
+    writer stops for good once it has written ``step``, so the kill lands at that step and not a step or two later
+    (a tiny model's steps are faster than the polling)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PAUSE_HOOK), env.get("PYTHONPATH")) if p)
+    env["FUNDCOMMENT_TEST_PAUSE_AFTER_STEP"] = str(step)
+    return env
+
+
 def kill_when_step(proc: subprocess.Popen, metrics: Path, step: int, timeout_s: float = 300) -> list[dict]:
-    """SIGKILL ``proc``'s process group (started with start_new_session=True) once ``metrics`` holds ``step``;
-    returns the records it left."""
+    """SIGKILL ``proc``'s process group (started with start_new_session=True and the environment of
+    :func:`paused_after`) once ``metrics`` holds ``step``; returns the records it left."""
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -59,4 +74,7 @@ def kill_when_step(proc: subprocess.Popen, metrics: Path, step: int, timeout_s: 
         proc.wait(timeout=60)
         if proc.stdout is not None:
             proc.stdout.close()
-    return read_metrics(metrics)
+    records = read_metrics(metrics) if metrics.is_file() else []
+    assert not records or records[-1]["step"] <= step, (
+        f"the run went on past step {step} to {records[-1]['step']}: started without run_checks.paused_after?")
+    return records

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
-from run_checks import kill_when_step, require_bridge_python, tiny_inputs
+from run_checks import kill_when_step, paused_after, require_bridge_python, tiny_inputs
 from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def test_killed_run_resumes_from_its_checkpoint(lora_run, tiny, tmp_path):
     reference = read_metrics(lora_run)
     out = tmp_path / "resume"
     tracked = (*LORA, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
-    proc = _finetune("tiny_lora", tiny, out, *tracked, popen=True)
+    proc = _finetune("tiny_lora", tiny, out, *tracked, popen=True, extra_env=paused_after(6, ENV))
     metrics = out / "metrics.jsonl"
     killed = kill_when_step(proc, metrics, 6)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"

@@ -113,7 +113,7 @@ def test_hf_data_parallel_run_resumes_after_a_kill(one_hf, inputs, tmp_path_fact
     """HF, two processes, 8 steps, a Trainer checkpoint every 4: killed once step 6 is logged, the same torchrun
     command resumes from checkpoint-4 (on CPU through hf_backend.cpu_load_location: transformers maps the
     optimizer state to cpu:0, which torch.load refuses) and steps 5-8 equal an uninterrupted two-process run's."""
-    from run_checks import kill_when_step
+    from run_checks import kill_when_step, paused_after
     ckpt = ("train.checkpoint_every_n_steps=4",)
     full = _finetune("hf", tmp_path_factory.mktemp("hf_dp_full") / "run", inputs, nproc=2, steps=8, extra=ckpt)
     out = tmp_path_factory.mktemp("hf_dp_kill") / "run"
@@ -121,7 +121,7 @@ def test_hf_data_parallel_run_resumes_after_a_kill(one_hf, inputs, tmp_path_fact
             "--config", str(CONFIG), "--backend", "hf", "--output", str(out), f"model.hf_path={inputs / 'model'}",
             f"data.dataset_dir={inputs / 'data'}", "train.max_steps=8", "train.num_devices=2", *COMMON, *ckpt]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=paused_after(6, env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = kill_when_step(proc, out / "metrics.jsonl", 6)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import StepTimer, read_metrics
-from run_checks import kill_when_step
+from run_checks import kill_when_step, paused_after
 from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 from recipes.config import load_config
 from recipes.finetune import main as finetune_main
@@ -278,8 +278,8 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model_dir, tiny_data_dir, t
 
     out = tmp_path / "resume"
     args = [*cmd, *_overrides(tiny_model_dir, tiny_data_dir, out, *overrides, f"tracking.mlflow=file:{tmp_path / 'mlruns'}")]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=paused_after(6), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     killed = kill_when_step(proc, out / "metrics.jsonl", 6)
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6] and len(killed) < 8, "not killed mid-way"
     assert last_checkpoint(out).name == "checkpoint-4" and not (out / "adapter").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.metrics import read_metrics
-from run_checks import kill_when_step
+from run_checks import kill_when_step, paused_after
 from tracking_checks import assert_mlflow_like_metrics, assert_resumed_mlflow_run, assert_tracked_like_metrics
 import families
 from convert import nemo_ckpt as nc
@@ -65,11 +65,11 @@ def imported(tiny):
     return _last_json(r.stdout)
 
 
-def _finetune(config, tiny, out, *overrides, timeout=600, popen=False):
+def _finetune(config, tiny, out, *overrides, timeout=600, popen=False, env=None):
     args = ["-m", "recipes.finetune", "--config", str(ROOT / f"nemo_configs/{config}.yaml"), "--backend", "nemo",
             f"model.hf_path={tiny['model']}", f"data.dataset_dir={tiny['data']}", f"output_dir={out}", *overrides]
     if popen:  # own session, so the whole process group (incl. any checkpoint writer) can be killed
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return _run(args, timeout=timeout)
 
@@ -559,7 +559,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, imported, tmp_path):
 
     out = tmp_path / "resume"
     overrides.append(f"tracking.mlflow=file:{tmp_path / 'mlruns'}")
-    proc = _finetune("tiny_lora", tiny, out, *overrides, popen=True)
+    proc = _finetune("tiny_lora", tiny, out, *overrides, popen=True, env=paused_after(6, ENV))
     metrics = out / "metrics.jsonl"
     killed = kill_when_step(proc, metrics, 6)  # SIGKILL of the child's process group
     assert [r["step"] for r in killed][:6] == [1, 2, 3, 4, 5, 6], "the first run was not killed mid-way"
