@@ -297,8 +297,8 @@ def reference_recipe(cfg: ExperimentConfig, hf_dir: Path, arch_key: str):
     import unittest.mock
     from megatron.bridge import AutoBridge
 
-    candidates = families.get(families.for_hf(json.loads((hf_dir / "config.json").read_text())).name
-                              ).bridge_recipes.get(arch_key, {}).get(cfg.method, ())
+    family = families.for_hf(json.loads((hf_dir / "config.json").read_text()), hf_dir / "config.json")
+    candidates = family.bridge_recipes.get(arch_key, {}).get(cfg.method, ())
     if not candidates:
         return None, None
     missing = []
